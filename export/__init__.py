@@ -1,0 +1,1 @@
+"""Export of fastsample networks for deployment (installed as fastsample.export)."""

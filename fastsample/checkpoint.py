@@ -1,0 +1,268 @@
+"""Building presets, and loading checkpoints safely and strictly.
+
+Checkpoints are untrusted input: `.pt` files are read with `torch.load(weights_only=True)` (no
+code runs while unpickling) and `.safetensors` files with safetensors. The network config comes
+from the `preset` argument, else the file name, else the file's fastsample metadata, else it is
+detected by matching the state_dict's keys and shapes against every preset.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from .config import (
+    PRESETS,
+    NetworkConfig,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+)
+from .unet import _Network, network_class
+
+METADATA_KEY = "fastsample.network"
+PRESET_KEY = "fastsample.preset"
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or that does not fit the network it is loaded into."""
+
+
+def _resolve(preset: str | NetworkConfig) -> tuple[NetworkConfig, str | None]:
+    if isinstance(preset, str):
+        return get_preset(preset).network, preset
+    network_class(preset)  # raises TypeError for anything that is not a config
+    return preset, None
+
+
+def create_model(
+    preset: str | NetworkConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> _Network:
+    """Build a preset (by stem, e.g. "256x256_diffusion") or a config with random weights.
+
+    dtype None runs the torso as the README does (float16 where the preset's use_fp16 is set);
+    torch.float32 / float16 / bfloat16 choose explicitly. `device="meta"` allocates nothing.
+    """
+    config, name = _resolve(preset)
+    with torch.device(device):
+        model = network_class(config)(config)
+    model.preset = name
+    model.set_precision(dtype if dtype is not None else model.dtype)
+    return model.eval().requires_grad_(False)
+
+
+@functools.cache
+def preset_layout(name: str) -> dict[str, tuple[int, ...]]:
+    """state_dict key -> shape of a preset, in state_dict order (built on the meta device)."""
+    return layout_of(create_model(name, device="meta", dtype=torch.float32).state_dict())
+
+
+def layout_of(state_dict: StateDict) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def layout_mismatch(
+    expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]]
+) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+    """(missing keys, unexpected keys, [(key, expected shape, found shape)])."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mis_shaped = [
+        (k, expected[k], found[k]) for k in expected if k in found and expected[k] != found[k]
+    ]
+    return missing, unexpected, mis_shaped
+
+
+def detect_presets(state_dict: StateDict) -> list[str]:
+    """Every preset whose keys and shapes equal the state_dict's. Several presets share one
+    network (256x256_diffusion_uncond and the four LSUN files); they differ only in diffusion
+    settings."""
+    found = layout_of(state_dict)
+    return [name for name in PRESETS if preset_layout(name) == found]
+
+
+def closest_preset(state_dict: StateDict) -> tuple[str, int]:
+    """The preset with the fewest missing + unexpected + mis-shaped keys, and that count."""
+    found = layout_of(state_dict)
+    scored = []
+    for name in PRESETS:
+        missing, unexpected, shaped = layout_mismatch(preset_layout(name), found)
+        scored.append((len(missing) + len(unexpected) + len(shaped), name))
+    count, name = min(scored)
+    return name, count
+
+
+def _describe_mismatch(missing, unexpected, mis_shaped, limit: int = 8) -> str:
+    def head(items, fmt):
+        shown = ", ".join(fmt(i) for i in items[:limit])
+        return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {head(missing, str)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {head(unexpected, str)}")
+    if mis_shaped:
+        parts.append(
+            "mis-shaped keys: "
+            + head(mis_shaped, lambda m: f"{m[0]} (expected {list(m[1])}, found {list(m[2])})")
+        )
+    return "; ".join(parts)
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a .pt or .safetensors file -> (state_dict on CPU, metadata). Never runs a pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                metadata = f.metadata() or {}
+                state_dict = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for bad headers/data
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
+            ) from None
+        return state_dict, metadata
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()
+        detail = next(
+            (line for line in reason if "Unsupported" in line or "global" in line.lower()),
+            reason[0] if reason else "",
+        )
+        raise CheckpointError(
+            f"refusing to load {path}: it needs Python code to run while unpickling, and "
+            f"fastsample loads checkpoints with weights_only=True only ({detail.strip()}). "
+            "Convert it to a plain state_dict or to .safetensors where you trust its source."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {e}") from None
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} does not hold a state_dict (a mapping of names to tensors); "
+            f"found {type(obj).__name__}"
+        )
+    return dict(obj), {}
+
+
+def _choose_config(
+    path: Path, state_dict: StateDict, metadata: Mapping[str, str], preset
+) -> tuple[NetworkConfig, str | None]:
+    if preset is not None:
+        return _resolve(preset)
+    if path.stem in PRESETS:
+        return _resolve(path.stem)
+    if METADATA_KEY in metadata:
+        config = config_from_dict(json.loads(metadata[METADATA_KEY]))
+        return config, metadata.get(PRESET_KEY) or None
+    matches = detect_presets(state_dict)
+    if not matches:
+        name, count = closest_preset(state_dict)
+        missing, unexpected, shaped = layout_mismatch(preset_layout(name), layout_of(state_dict))
+        raise CheckpointError(
+            f"{path}: the state_dict matches no preset; the closest is {name!r} ({count} keys "
+            f"differ: {_describe_mismatch(missing, unexpected, shaped)}). Pass preset= a preset "
+            "name or a config for a custom network."
+        )
+    if len(matches) > 1:
+        warnings.warn(
+            f"{path.name}: the network is shared by presets {', '.join(matches)}; using "
+            f"{matches[0]!r} (pass preset= to choose another's diffusion settings)",
+            stacklevel=3,
+        )
+    return _resolve(matches[0])
+
+
+def load_model(
+    path: str | os.PathLike,
+    preset: str | NetworkConfig | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> _Network:
+    """Load a released (or fastsample-saved) checkpoint strictly, in eval mode.
+
+    dtype None runs the torso as the README does (float16 where use_fp16 is set); float32,
+    float16 or bfloat16 choose explicitly.
+    """
+    path = Path(path)
+    state_dict, metadata = read_checkpoint(path)
+    config, name = _choose_config(path, state_dict, metadata, preset)
+    model = create_model(config, device="meta", dtype=torch.float32)
+    missing, unexpected, shaped = layout_mismatch(
+        layout_of(model.state_dict()), layout_of(state_dict)
+    )
+    if missing or unexpected or shaped:
+        label = f"preset {name!r}" if name else f"the given {type(config).__name__}"
+        hint = ""
+        if name is None or detect_presets(state_dict) != [name]:
+            best, _ = closest_preset(state_dict)
+            hint = f" The closest preset is {best!r}."
+        raise CheckpointError(
+            f"{path} does not fit {label}: {_describe_mismatch(missing, unexpected, shaped)}.{hint}"
+        )
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            raise CheckpointError(f"{path}: {key} has dtype {value.dtype}; expected floating point")
+    # Parameters are held in float32 (exact for any float16/bfloat16 file), each in its own fresh
+    # allocation: tensors read from a file can be unaligned views into one buffer, which makes
+    # CPU kernels pick other code paths. The precision step below converts the torso.
+    params = {k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}
+    del state_dict
+    model.load_state_dict(params, strict=True, assign=True)
+    model = model.to(device)
+    model.preset = name
+    model.set_precision(
+        dtype if dtype is not None else (torch.float16 if config.use_fp16 else torch.float32)
+    )
+    return model.eval().requires_grad_(False)
+
+
+def save_checkpoint(model: _Network, path: str | os.PathLike) -> Path:
+    """Write the model's state_dict as .pt (plain dict) or .safetensors (with the network config
+    in the metadata, so that load_model needs no preset). The file appears only once complete."""
+    path = Path(path)
+    if path.suffix not in (".pt", ".safetensors"):
+        raise ValueError(f"checkpoint path {str(path)!r}: expected a .pt or .safetensors suffix")
+    state_dict = {
+        k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            metadata = {METADATA_KEY: json.dumps(config_to_dict(model.config))}
+            if model.preset:
+                metadata[PRESET_KEY] = model.preset
+            save_file(state_dict, tmp, metadata=metadata)
+        else:
+            torch.save(state_dict, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

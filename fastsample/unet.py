@@ -1,0 +1,568 @@
+"""ADM networks (Dhariwal & Nichol 2021, App. A): UNet, SuperResUNet and the noisy-image
+Classifier, with guided-diffusion's module tree so that released state_dicts load strictly.
+
+Precision: parameters are created in float32. The "torso" (input, middle and output blocks) runs
+in `model.dtype`; `set_precision(torch.float16)` converts the torso's convolutions as the
+reference's `convert_to_fp16()` does, leaving GroupNorm affine parameters, the timestep/label
+embeddings, the ResBlocks' embedding Linears and the output head in float32. GroupNorm statistics
+and the attention softmax always run in float32; the network output is float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import (
+    ClassifierConfig,
+    NetworkConfig,
+    SuperResConfig,
+    UNetConfig,
+    classifier_config_from_flags,
+    super_res_config_from_flags,
+    unet_config_from_flags,
+)
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps: cos half first, then sin.
+
+    Evaluated in float32 in the reference's operation order so that it matches bit for bit.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(0, half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def _conv(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+
+
+def _avg_pool(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
+    return (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](*args, **kwargs)
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class GroupNorm32(nn.GroupNorm):
+    """32-group GroupNorm computed in float32 (see ops.group_norm)."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class TimestepBlock(nn.Module):
+    """A block whose forward also takes the timestep embedding."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TimestepEmbedSequential(nn.Sequential, TimestepBlock):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Nearest x2 (inner two dims for 3-D), then an optional 3x3 conv (key `conv`)."""
+
+    def __init__(
+        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None
+    ):
+        super().__init__()
+        self.channels, self.dims = channels, dims
+        self.use_conv = use_conv
+        if use_conv:
+            self.conv = _conv(dims, channels, out_channels or channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv, or 2x2 average pool (inner two dims for 3-D); key `op`."""
+
+    def __init__(
+        self, channels: int, use_conv: bool, dims: int = 2, out_channels: int | None = None
+    ):
+        super().__init__()
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = _conv(dims, channels, out_channels or channels, 3, stride=stride, padding=1)
+        else:
+            self.op = _avg_pool(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class ResBlock(TimestepBlock):
+    """Residual block conditioned on the timestep embedding; optionally resamples (up/down)."""
+
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        dims: int = 2,
+        up: bool = False,
+        down: bool = False,
+    ):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            GroupNorm32(channels), nn.SiLU(), _conv(dims, channels, out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = (
+                Upsample(channels, False, dims),
+                Upsample(channels, False, dims),
+            )
+        elif down:
+            self.h_upd = Downsample(channels, False, dims)
+            self.x_upd = Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
+        )
+        self.out_layers = nn.Sequential(
+            GroupNorm32(out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            _zero(_conv(dims, out_channels, out_channels, 3, padding=1)),
+        )
+        if out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = _conv(dims, channels, out_channels, 3, padding=1)
+        else:
+            self.skip_connection = _conv(dims, channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            # Normalise and activate at the input size, resample, then convolve.
+            h = self.in_layers[1](self.in_layers[0](x))
+            h = self.in_layers[2](self.h_upd(h))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        e = self.emb_layers(emb).to(h.dtype)
+        e = e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))  # [N, C, 1, 1]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(e, 2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            for layer in self.out_layers[1:]:
+                h = layer(h)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
+
+
+def qkv_attention(qkv: torch.Tensor, heads: int, order: str) -> torch.Tensor:
+    """Multi-head attention on a fused [N, 3*C, T] projection -> [N, C, T].
+
+    order "legacy": rows grouped per head (h*3*ch + p*ch + c); "new": per component
+    (p*C + h*ch + c); p = 0, 1, 2 for q, k, v. Output channel of head h, channel c is h*ch + c.
+    """
+    n, width, length = qkv.shape
+    ch = width // (3 * heads)
+    if order == "legacy":
+        q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
+    else:
+        q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
+    # [N, heads, ch, T] -> [N, heads, T, ch] views for the attention op
+    out = ops.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    return out.transpose(-1, -2).reshape(n, heads * ch, length)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over all spatial positions, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, order: str = "legacy"):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"attention: {channels} channels do not split into {heads} heads")
+        self.heads, self.order = heads, order
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, *spatial = x.shape
+        x = x.reshape(n, c, -1)  # [N, C, T]
+        h = qkv_attention(self.qkv(self.norm(x)), self.heads, self.order)
+        return (x + self.proj_out(h)).reshape(n, c, *spatial)
+
+
+class AttentionPool2d(nn.Module):
+    """The classifier's attention-pooling head (CLIP-style): token 0 is the spatial mean."""
+
+    def __init__(self, spacial_dim: int, embed_dim: int, head_channels: int, output_dim: int):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(
+            torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
+        )
+        self.qkv_proj = nn.Conv1d(embed_dim, 3 * embed_dim, 1)
+        self.c_proj = nn.Conv1d(embed_dim, output_dim, 1)
+        self.heads = embed_dim // head_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        x = x.reshape(n, c, -1)
+        x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, 1 + T]
+        x = x + self.positional_embedding[None].to(x.dtype)
+        qkv = self.qkv_proj(x)
+        length = qkv.shape[-1]
+        ch = c // self.heads
+        q, k, v = qkv.reshape(n, 3, self.heads, ch, length).unbind(1)  # "new" order
+        # Only token 0 is returned, so only query 0 is computed: every query row is independent.
+        out = ops.attention(q[..., :1].transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = out.transpose(-1, -2).reshape(n, c, 1)
+        return self.c_proj(out)[:, :, 0]
+
+
+class _Network(nn.Module):
+    """Shared precision handling and construction from configs or flags."""
+
+    config_class: type = UNetConfig
+    _flag_parser = staticmethod(unet_config_from_flags)
+    _torso = ("input_blocks", "middle_block", "output_blocks")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
+        if len(args) == 1 and not kwargs and isinstance(args[0], self.config_class):
+            config = args[0]
+        else:
+            try:
+                config = self.config_class(*args, **kwargs)
+            except TypeError as e:
+                fields = ", ".join(f.name for f in self.config_class.__dataclass_fields__.values())
+                raise TypeError(f"{type(self).__name__}: {e}; valid arguments: {fields}") from None
+        self.config: NetworkConfig = config
+        self.dtype: torch.dtype = torch.float16 if config.use_fp16 else torch.float32
+        self.preset: str | None = None
+
+    @classmethod
+    def from_flags(cls, flags: str | Mapping[str, Any]) -> _Network:
+        """Build from the README's script flags (a string or a dict), defaults as the scripts."""
+        return cls(cls._flag_parser(flags))
+
+    def set_precision(self, dtype: torch.dtype) -> _Network:
+        """Run the torso in `dtype` (float32, float16 or bfloat16), converting its convolutions
+        the way the reference's convert_to_fp16() does. Returns self."""
+        if dtype not in (torch.float32, *_LOW_PRECISION):
+            raise ValueError(
+                f"dtype={dtype}: expected torch.float32, torch.float16 or torch.bfloat16"
+            )
+        for name in self._torso:
+            for m in getattr(self, name, nn.Module()).modules():
+                if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    m.to(dtype)
+        self.dtype = dtype
+        return self
+
+    def convert_to_fp16(self) -> _Network:
+        return self.set_precision(torch.float16)
+
+    def convert_to_fp32(self) -> _Network:
+        return self.set_precision(torch.float32)
+
+    def _check_torso_dtype(self) -> None:
+        weight = self.input_blocks[0][0].weight
+        if weight.dtype != self.dtype and weight.device.type != "meta":
+            raise RuntimeError(
+                f"{type(self).__name__} torso runs in {self.dtype} but its convolutions are "
+                f"{weight.dtype}: call set_precision({self.dtype}) (or convert_to_fp16()) after "
+                "loading weights, or use fastsample.load_model"
+            )
+
+
+def _build_encoder(net: nn.Module, cfg: UNetConfig | ClassifierConfig, in_channels: int) -> list:
+    """input_blocks and middle_block of the reference layout; returns the skip channel stack."""
+    emb_dim, dims = cfg.time_embed_dim, cfg.dims
+    ch = cfg.level_channels[0]
+    net.input_blocks = nn.ModuleList(
+        [TimestepEmbedSequential(_conv(dims, in_channels, ch, 3, padding=1))]
+    )
+    skip_channels, ds = [ch], 1
+    for level, out_ch in enumerate(cfg.level_channels):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [
+                ResBlock(
+                    ch,
+                    emb_dim,
+                    cfg.dropout,
+                    out_ch,
+                    dims=dims,
+                    use_scale_shift_norm=cfg.use_scale_shift_norm,
+                )
+            ]
+            ch = out_ch
+            if ds in cfg.attention_resolutions:
+                layers.append(AttentionBlock(ch, cfg.heads(ch), cfg.qkv_order))
+            net.input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_channels.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            if cfg.resblock_updown:
+                down = ResBlock(
+                    ch,
+                    emb_dim,
+                    cfg.dropout,
+                    ch,
+                    dims=dims,
+                    use_scale_shift_norm=cfg.use_scale_shift_norm,
+                    down=True,
+                )
+            else:
+                down = Downsample(ch, cfg.conv_resample, dims, ch)
+            net.input_blocks.append(TimestepEmbedSequential(down))
+            skip_channels.append(ch)
+            ds *= 2
+    net.middle_block = TimestepEmbedSequential(
+        ResBlock(
+            ch, emb_dim, cfg.dropout, dims=dims, use_scale_shift_norm=cfg.use_scale_shift_norm
+        ),
+        AttentionBlock(ch, cfg.heads(ch), cfg.qkv_order),
+        ResBlock(
+            ch, emb_dim, cfg.dropout, dims=dims, use_scale_shift_norm=cfg.use_scale_shift_norm
+        ),
+    )
+    return skip_channels
+
+
+def _time_mlp(cfg: UNetConfig | ClassifierConfig) -> nn.Sequential:
+    e = cfg.time_embed_dim
+    return nn.Sequential(nn.Linear(cfg.model_channels, e), nn.SiLU(), nn.Linear(e, e))
+
+
+def _as_batch(t: torch.Tensor | float | int, n: int, device: torch.device) -> torch.Tensor:
+    t = torch.as_tensor(t, device=device)
+    if t.ndim == 0:
+        t = t.expand(n)
+    if t.shape != (n,):
+        raise ValueError(f"timesteps of shape {tuple(t.shape)}: expected ({n},) or a scalar")
+    return t
+
+
+class UNet(_Network):
+    """The ADM diffusion UNet (reference `UNetModel`).
+
+    forward(x, timesteps, y=None) -> [N, out_channels, H, W] in x's dtype.
+    """
+
+    config_class = UNetConfig
+    _flag_parser = staticmethod(unet_config_from_flags)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        in_channels = cfg.in_channels * (2 if isinstance(cfg, SuperResConfig) else 1)
+        emb_dim, dims = cfg.time_embed_dim, cfg.dims
+        self.time_embed = _time_mlp(cfg)
+        if cfg.num_classes is not None:
+            self.label_emb = nn.Embedding(cfg.num_classes, emb_dim)
+        skips = _build_encoder(self, cfg, in_channels)
+        ch, ds = cfg.level_channels[-1], 2 ** (len(cfg.channel_mult) - 1)
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(cfg.channel_mult))):
+            out_ch = cfg.level_channels[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers: list[nn.Module] = [
+                    ResBlock(
+                        ch + skips.pop(),
+                        emb_dim,
+                        cfg.dropout,
+                        out_ch,
+                        dims=dims,
+                        use_scale_shift_norm=cfg.use_scale_shift_norm,
+                    )
+                ]
+                ch = out_ch
+                if ds in cfg.attention_resolutions:
+                    layers.append(AttentionBlock(ch, cfg.heads(ch, upsample=True), cfg.qkv_order))
+                if level and i == cfg.num_res_blocks:
+                    if cfg.resblock_updown:
+                        up = ResBlock(
+                            ch,
+                            emb_dim,
+                            cfg.dropout,
+                            ch,
+                            dims=dims,
+                            use_scale_shift_norm=cfg.use_scale_shift_norm,
+                            up=True,
+                        )
+                    else:
+                        up = Upsample(ch, cfg.conv_resample, dims, ch)
+                    layers.append(up)
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+        self.out = nn.Sequential(
+            GroupNorm32(ch),
+            nn.SiLU(),
+            _zero(_conv(dims, cfg.level_channels[0], cfg.out_channels, 3, padding=1)),
+        )
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        conditional = self.config.num_classes is not None
+        if conditional and y is None:
+            raise ValueError(
+                f"this model is class-conditional ({self.config.num_classes} classes): pass y"
+            )
+        if not conditional and y is not None:
+            raise ValueError("this model is unconditional: y must be None")
+        self._check_torso_dtype()
+        emb = self.time_embed(
+            timestep_embedding(_as_batch(timesteps, n, x.device), self.config.model_channels)
+        )
+        if conditional:
+            if y.shape != (n,):
+                raise ValueError(f"y of shape {tuple(y.shape)}: expected ({n},) class labels")
+            emb = emb + self.label_emb(y)
+        skips = []
+        h = x.to(self.dtype)
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.to(x.dtype))
+
+
+class SuperResUNet(UNet):
+    """The ADM upsampler (reference `SuperResModel`): the UNet on [x, bilinear(low_res)]."""
+
+    config_class = SuperResConfig
+    _flag_parser = staticmethod(super_res_config_from_flags)
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        low_res: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if low_res is None:
+            raise ValueError("SuperResUNet needs low_res, the [N, 3, h, w] image to upsample")
+        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
+        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
+
+
+class Classifier(_Network):
+    """The noisy-image classifier (reference `EncoderUNetModel`): forward(x, t) -> logits."""
+
+    config_class = ClassifierConfig
+    _flag_parser = staticmethod(classifier_config_from_flags)
+    _torso = ("input_blocks", "middle_block")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        self.time_embed = _time_mlp(cfg)
+        _build_encoder(self, cfg, cfg.in_channels)
+        ch = cfg.level_channels[-1]
+        if cfg.pool == "adaptive":
+            self.out = nn.Sequential(
+                GroupNorm32(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                _zero(_conv(cfg.dims, ch, cfg.out_channels, 1)),
+                nn.Flatten(),
+            )
+        elif cfg.pool == "attention":
+            self.out = nn.Sequential(
+                GroupNorm32(ch),
+                nn.SiLU(),
+                AttentionPool2d(
+                    cfg.image_size // cfg.final_ds, ch, cfg.num_head_channels, cfg.out_channels
+                ),
+            )
+        else:
+            # Spatial pools read the mean of every input block and of the middle block.
+            features = (
+                cfg.level_channels[0]
+                + sum(
+                    cfg.level_channels[level]
+                    * (cfg.num_res_blocks + (level < len(cfg.channel_mult) - 1))
+                    for level in range(len(cfg.channel_mult))
+                )
+                + ch
+            )
+            if cfg.pool == "spatial":
+                self.out = nn.Sequential(
+                    nn.Linear(features, 2048), nn.ReLU(), nn.Linear(2048, cfg.out_channels)
+                )
+            else:
+                self.out = nn.Sequential(
+                    nn.Linear(features, 2048),
+                    GroupNorm32(2048),
+                    nn.SiLU(),
+                    nn.Linear(2048, cfg.out_channels),
+                )
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        self._check_torso_dtype()
+        emb = self.time_embed(
+            timestep_embedding(
+                _as_batch(timesteps, x.shape[0], x.device), self.config.model_channels
+            )
+        )
+        spatial = self.config.pool.startswith("spatial")
+        means = []
+        h = x.to(self.dtype)
+        for block in self.input_blocks:
+            h = block(h, emb)
+            if spatial:
+                means.append(h.to(x.dtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if spatial:
+            means.append(h.to(x.dtype).mean(dim=(2, 3)))
+            return self.out(torch.cat(means, dim=-1))
+        return self.out(h.to(x.dtype))
+
+
+def network_class(config: NetworkConfig) -> type[_Network]:
+    if isinstance(config, SuperResConfig):
+        return SuperResUNet
+    if isinstance(config, ClassifierConfig):
+        return Classifier
+    if isinstance(config, UNetConfig):
+        return UNet
+    raise TypeError(f"not a network config: {type(config).__name__}")

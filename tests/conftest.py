@@ -41,3 +41,8 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| relative to the scale (max |expected|) of the reference output."""
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def golden_labels(model_config: dict, tensors: dict) -> torch.Tensor | None:
+    """The golden labels for a class-conditional config, None for an unconditional one."""
+    return tensors["in_y"] if model_config.get("num_classes") is not None else None

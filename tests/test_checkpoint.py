@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import load_manifest, manifest_stems
+from conftest import golden_labels, load_manifest, manifest_stems
 from safetensors.torch import save_file
 
 import fastsample
@@ -25,13 +25,14 @@ def _golden_model(golden, key):
 
 
 def _forward(model, golden, key):
-    _, g = golden
+    config, g = golden
     with torch.no_grad():
         if key == "classifier":
             return model(g["in_x"], g["in_t"])
+        y = golden_labels(config[key], g)
         if key == "sr":
-            return model(g["in_x"], g["in_t"], low_res=g["in_low_res"], y=g["in_y"])
-        return model(g["in_x"], g["in_t"], g["in_y"])
+            return model(g["in_x"], g["in_t"], low_res=g["in_low_res"], y=y)
+        return model(g["in_x"], g["in_t"], y)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

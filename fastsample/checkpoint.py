@@ -8,6 +8,7 @@ detected by matching the state_dict's keys and shapes against every preset.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -27,10 +28,12 @@ from .config import (
     config_to_dict,
     get_preset,
 )
+from .schedule import Diffusion
 from .unet import _Network, network_class
 
 METADATA_KEY = "fastsample.network"
 PRESET_KEY = "fastsample.preset"
+DIFFUSION_KEY = "fastsample.diffusion"
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -239,9 +242,27 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-def save_checkpoint(model: _Network, path: str | os.PathLike) -> Path:
-    """Write the model's state_dict as .pt (plain dict) or .safetensors (with the network config
-    in the metadata, so that load_model needs no preset). The file appears only once complete."""
+def read_diffusion(path: str | os.PathLike) -> Diffusion | None:
+    """The diffusion settings saved in a .safetensors file's metadata, if any."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            text = (f.metadata() or {}).get(DIFFUSION_KEY)
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    return Diffusion(**json.loads(text)) if text else None
+
+
+def save_checkpoint(
+    model: _Network, path: str | os.PathLike, diffusion: Diffusion | None = None
+) -> Path:
+    """Write the model's state_dict as .pt (plain dict) or .safetensors (with the network config,
+    and the diffusion settings if given, in the metadata, so that loading needs no preset).
+    The file appears only once complete."""
     path = Path(path)
     if path.suffix not in (".pt", ".safetensors"):
         raise ValueError(f"checkpoint path {str(path)!r}: expected a .pt or .safetensors suffix")
@@ -258,6 +279,8 @@ def save_checkpoint(model: _Network, path: str | os.PathLike) -> Path:
             metadata = {METADATA_KEY: json.dumps(config_to_dict(model.config))}
             if model.preset:
                 metadata[PRESET_KEY] = model.preset
+            if diffusion is not None:
+                metadata[DIFFUSION_KEY] = json.dumps(dataclasses.asdict(diffusion))
             save_file(state_dict, tmp, metadata=metadata)
         else:
             torch.save(state_dict, tmp)

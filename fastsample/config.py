@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .schedule import Diffusion
+
 NUM_CLASSES = 1000
 PoolType = Literal["adaptive", "attention", "spatial", "spatial_v2"]
 POOL_TYPES = ("adaptive", "attention", "spatial", "spatial_v2")
@@ -483,33 +485,16 @@ def classifier_config_from_flags(flags: str | Mapping[str, Any]) -> ClassifierCo
     )
 
 
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """Diffusion settings of a checkpoint (reference `create_gaussian_diffusion` arguments)."""
-
-    steps: int = 1000
-    noise_schedule: Literal["linear", "cosine"] = "linear"
-    learn_sigma: bool = True
-    predict_xstart: bool = False
-    rescale_timesteps: bool = False
-    timestep_respacing: str = ""
-    use_ddim: bool = False
-    clip_denoised: bool = True
-
-
-def diffusion_config_from_flags(flags: str | Mapping[str, Any], super_res: bool = False):
+def diffusion_from_flags(flags: str | Mapping[str, Any], super_res: bool = False) -> Diffusion:
+    """README flags -> the diffusion settings (reference create_gaussian_diffusion arguments)."""
     f = parse_flags(flags, SUPER_RES_SAMPLE_FLAGS if super_res else CLASSIFIER_SAMPLE_FLAGS)
-    if f["noise_schedule"] not in ("linear", "cosine"):
-        raise ValueError(f"--noise_schedule {f['noise_schedule']!r}: expected linear or cosine")
-    return DiffusionConfig(
+    return Diffusion(
         steps=f["diffusion_steps"],
         noise_schedule=f["noise_schedule"],
         learn_sigma=f["learn_sigma"],
+        timestep_respacing=f["timestep_respacing"],
         predict_xstart=f["predict_xstart"],
         rescale_timesteps=f["rescale_timesteps"],
-        timestep_respacing=f["timestep_respacing"],
-        use_ddim=f["use_ddim"],
-        clip_denoised=f["clip_denoised"],
     )
 
 
@@ -523,7 +508,7 @@ class Preset:
 
     name: str
     network: NetworkConfig
-    diffusion: DiffusionConfig | None = None  # None for classifiers
+    diffusion: Diffusion | None = None  # None for classifiers
     classifier: str | None = None  # README classifier preset for guided sampling
     classifier_scale: float | None = None
     low_res_size: int | None = None  # upsamplers: side of the low-resolution input
@@ -591,15 +576,15 @@ def _upsampler(large, pixels, heads_ch):
     )
 
 
-_D250 = DiffusionConfig(noise_schedule="linear", timestep_respacing="250")
-_D1000 = DiffusionConfig(noise_schedule="linear", timestep_respacing="1000")
+_D250 = Diffusion(noise_schedule="linear", timestep_respacing="250")
+_D1000 = Diffusion(noise_schedule="linear", timestep_respacing="1000")
 _LSUN = _adm(256, 256, 2, classes=False, fp16=True, dropout=0.1)
 
 _PRESETS = [
     Preset(
         "64x64_diffusion",
         _adm(64, 192, 3, classes=True, fp16=True, dropout=0.1, new=True),
-        DiffusionConfig(noise_schedule="cosine", timestep_respacing="250"),
+        Diffusion(noise_schedule="cosine", timestep_respacing="250"),
         classifier="64x64_classifier",
         classifier_scale=1.0,
     ),

@@ -246,12 +246,10 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, 1 + T]
         x = x + self.positional_embedding[None].to(x.dtype)
         qkv = self.qkv_proj(x)
-        length = qkv.shape[-1]
-        ch = c // self.heads
+        length, ch = qkv.shape[-1], c // self.heads
         q, k, v = qkv.reshape(n, 3, self.heads, ch, length).unbind(1)  # "new" order
-        # Only token 0 is returned, so only query 0 is computed: every query row is independent.
-        out = ops.attention(q[..., :1].transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        out = out.transpose(-1, -2).reshape(n, c, 1)
+        out = ops.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = out.transpose(-1, -2).reshape(n, c, length)
         return self.c_proj(out)[:, :, 0]
 
 

@@ -1,0 +1,436 @@
+"""Generation: `sample` for one batch, `Pipeline` for many images with per-sample seeds.
+
+Randomness is an argument: explicit noise, per-sample seeds (a sample depends only on its seed,
+never on its batch), or, with neither, torch's global generator drawn in the reference's order
+(x_T with one randn, then one randn per step, also at the last step and for eta = 0).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import sampler as samplers
+from .checkpoint import create_model, load_model, read_diffusion
+from .config import PRESETS
+from .guidance import classifier_guide
+from .schedule import Diffusion
+from .unet import Classifier, SuperResUNet, UNet
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8, truncating as the reference does."""
+    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def sample_seed(seed: int, index: int, stream: int = 0) -> int:
+    """The generator seed of sample `index` of a run seeded with `seed` (stream 1: its label)."""
+    if seed < 0 or index < 0:
+        raise ValueError(f"seed={seed}, index={index}: expected non-negative integers")
+    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0])
+
+
+def _noise_source(noise, seed, shape, steps: int, device) -> samplers.NoiseFn:
+    if noise is not None and seed is not None:
+        raise ValueError("give noise or seed, not both")
+    if noise is not None:
+        expected = (steps + 1, *shape)
+        if tuple(noise.shape) != expected:
+            raise ValueError(
+                f"noise of shape {tuple(noise.shape)}: expected {expected} "
+                "(x_T, then one draw per step)"
+            )
+        noise = noise.to(device=device, dtype=torch.float32)
+        return lambda k: noise[k]
+    if seed is not None:
+        seeds = [sample_seed(seed, b) for b in range(shape[0])] if isinstance(seed, int) else seed
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}: expected one each")
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+        def draw(k: int) -> torch.Tensor:
+            return torch.stack(
+                [torch.randn(shape[1:], generator=g, device=device) for g in generators]
+            )
+
+        return draw
+    return lambda k: torch.randn(shape, device=device)
+
+
+def _check_labels(y: torch.Tensor, batch: int, classes: int, who: str) -> None:
+    if y.shape != (batch,):
+        raise ValueError(f"y of shape {tuple(y.shape)}: expected ({batch},) class labels")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise ValueError(f"y has dtype {y.dtype}: expected integer class labels")
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise ValueError(f"class labels {y.tolist()}: {who} takes labels in 0..{classes - 1}")
+
+
+def sample(
+    model: UNet,
+    diffusion: Diffusion,
+    shape: Sequence[int],
+    *,
+    y: torch.Tensor | None = None,
+    low_res: torch.Tensor | None = None,
+    sampler: samplers.SamplerName = "ddpm",
+    eta: float = 0.0,
+    classifier: Classifier | None = None,
+    guidance_scale: float = 0.0,
+    clip_denoised: bool = True,
+    noise: torch.Tensor | None = None,
+    seed: int | Sequence[int] | None = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
+    callback: samplers.StepCallback | None = None,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Draw one batch of samples [B, C, H, W] (on the [-1, 1] scale, not clipped: see to_uint8).
+
+    noise: [steps + 1, B, C, H, W]: x_T, then the fresh noise of each step, in the reference's
+    order. seed: an int (sample b gets sample_seed(seed, b)) or one generator seed per sample.
+    classifier + guidance_scale: classifier guidance with labels y (for an unconditional model,
+    y goes to the classifier only).
+    """
+    if sampler not in samplers.SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(samplers.SAMPLERS)}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        raise ValueError(f"shape {shape}: expected (batch, channels, height, width)")
+    batch = shape[0]
+    if shape[1] != model.config.in_channels:
+        raise ValueError(
+            f"shape {shape}: the model makes {model.config.in_channels}-channel images"
+        )
+    device = next(model.parameters()).device
+    conditional = model.config.num_classes is not None
+    guided = classifier is not None and guidance_scale != 0
+    if guidance_scale != 0 and classifier is None:
+        raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
+    if y is None and (conditional or guided):
+        raise ValueError(
+            "class labels y are needed: "
+            + ("the model is class-conditional" if conditional else "classifier guidance")
+        )
+    if y is not None:
+        if not (conditional or guided):
+            raise ValueError("y was given, but the model is unconditional and there is no guidance")
+        y = torch.as_tensor(y, device=device)
+        if conditional:
+            _check_labels(y, batch, model.config.num_classes, "the model")
+        if guided:
+            _check_labels(y, batch, classifier.config.out_channels, "the classifier")
+        y = y.long()
+    y_model = y if conditional else None
+    if isinstance(model, SuperResUNet):
+        if low_res is None:
+            raise ValueError("an upsampler needs low_res: [B, C, h, w] images in [-1, 1]")
+        low_res = low_res.to(device=device, dtype=torch.float32)
+        if low_res.shape[:2] != shape[:2]:
+            raise ValueError(
+                f"low_res of shape {tuple(low_res.shape)}: expected ({batch}, {shape[1]}, h, w)"
+            )
+
+        def net(x, t):
+            return model(x, t, low_res=low_res, y=y_model)
+    else:
+        if low_res is not None:
+            raise ValueError("low_res is for upsamplers; this model is not one")
+
+        def net(x, t):
+            return model(x, t, y_model)
+
+    guide = classifier_guide(classifier, y, guidance_scale) if guided else None
+    draw = _noise_source(noise, seed, shape, diffusion.num_steps, device)
+
+    trajectory: dict[str, list[torch.Tensor]] = {"samples": [], "pred_xstart": []}
+
+    def record(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        if return_trajectory:
+            trajectory["samples"].append(x)
+            trajectory["pred_xstart"].append(x0)
+        if callback is not None:
+            callback(k, x, x0)
+
+    with torch.no_grad():
+        final = samplers.run(
+            sampler,
+            net,
+            diffusion,
+            draw,
+            eta=eta,
+            guide=guide,
+            clip_denoised=clip_denoised,
+            progress=progress,
+            callback=record,
+        )
+    if not return_trajectory:
+        return final
+    return {
+        "sample": final,
+        "samples": torch.stack(trajectory["samples"]),
+        "pred_xstart": torch.stack(trajectory["pred_xstart"]),
+    }
+
+
+@dataclass
+class Generation:
+    """Images (uint8 NHWC) and their class labels (None when no labels were used)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+
+    def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+        """Write out_dir/samples.npz (arr_0 images, arr_1 labels: the reference evaluator's
+        format) and out_dir/grid.png. Files appear complete or not at all."""
+        out = Path(out_dir)
+        paths = {"npz": out / "samples.npz", "grid": out / "grid.png"}
+        if not overwrite:
+            for p in paths.values():
+                if p.exists():
+                    raise FileExistsError(f"{p} exists; choose another directory or overwrite")
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = [self.images] + ([self.labels] if self.labels is not None else [])
+        _atomic_write(paths["npz"], lambda f: np.savez(f, *arrays))
+        grid = image_grid(self.images)
+        _atomic_write(paths["grid"], lambda f: grid.save(f, format="PNG"))
+        return paths
+
+
+def image_grid(images: np.ndarray):
+    """A near-square PIL grid of NHWC uint8 images."""
+    from PIL import Image
+
+    n, h, w, c = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, cols)
+        canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role: str):
+    if isinstance(spec, torch.nn.Module):
+        return spec
+    spec = str(spec)
+    if os.path.exists(spec):
+        return load_model(spec, device=device, dtype=dtype)
+    if spec in PRESETS:
+        warnings.warn(
+            f"{role} {spec!r}: no weights file given, using RANDOM weights of that preset "
+            "(pass a checkpoint file for real samples)",
+            stacklevel=3,
+        )
+        return create_model(spec, device=device, dtype=dtype)
+    raise ValueError(
+        f"{role} {spec!r} is neither an existing checkpoint file nor a preset "
+        f"(presets: {', '.join(PRESETS)})"
+    )
+
+
+class Pipeline:
+    """Batched generation with a diffusion model and an optional guidance classifier."""
+
+    def __init__(
+        self,
+        model: UNet,
+        diffusion: Diffusion,
+        classifier: Classifier | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        guidance_scale: float | None = None,
+    ):
+        if not isinstance(model, UNet):
+            raise TypeError(f"model: expected a UNet or SuperResUNet, got {type(model).__name__}")
+        if classifier is not None and not isinstance(classifier, Classifier):
+            raise TypeError(f"classifier: expected a Classifier, got {type(classifier).__name__}")
+        self.device = (
+            torch.device(device) if device is not None else next(model.parameters()).device
+        )
+        self.model = model.to(self.device).eval()
+        self.classifier = classifier.to(self.device).eval() if classifier is not None else None
+        if dtype is not None:
+            self.model.set_precision(dtype)
+        self.diffusion = diffusion
+        if guidance_scale is None:
+            preset = PRESETS.get(model.preset or "")
+            guidance_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
+        self.guidance_scale = float(guidance_scale) if classifier is not None else 0.0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        classifier: str | os.PathLike | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        guidance_scale: float | None = None,
+        diffusion: Diffusion | None = None,
+    ) -> Pipeline:
+        """From checkpoint files or preset names. Diffusion settings come from the preset (by the
+        file name or its metadata), else the file's saved settings, else the defaults."""
+        net = _load_network(model, device, dtype, "model")
+        clf = _load_network(classifier, device, None, "classifier") if classifier else None
+        if not isinstance(net, UNet):
+            raise ValueError(
+                f"model {str(model)!r} is a {type(net).__name__}, not a diffusion UNet"
+            )
+        if clf is not None and not isinstance(clf, Classifier):
+            raise ValueError(
+                f"classifier {str(classifier)!r} is a {type(clf).__name__}, not a Classifier"
+            )
+        if diffusion is None:
+            preset = PRESETS.get(net.preset or "")
+            if preset is not None and preset.diffusion is not None:
+                diffusion = preset.diffusion
+            elif os.path.exists(str(model)):
+                diffusion = read_diffusion(model)
+            if diffusion is None:
+                diffusion = Diffusion(
+                    learn_sigma=net.config.out_channels == 2 * net.config.in_channels
+                )
+        return cls(net, diffusion, clf, device=device, guidance_scale=guidance_scale)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.model.config.num_classes is not None or self.classifier is not None
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.model.config.num_classes is not None:
+            return self.model.config.num_classes
+        return self.classifier.config.out_channels if self.classifier is not None else None
+
+    def generate(
+        self,
+        num_samples: int,
+        batch_size: int = 16,
+        classes: int | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        sampler: samplers.SamplerName | None = None,
+        steps: str | int | None = None,
+        eta: float = 0.0,
+        seed: int = 0,
+        progress: bool = True,
+        low_res: np.ndarray | torch.Tensor | None = None,
+        clip_denoised: bool = True,
+    ) -> Generation:
+        """Generate num_samples images; sample i uses seed (seed, i), whatever the batch size.
+
+        classes: None draws a label per sample from its seed; an int gives every sample that
+        class; a sequence is used in order (and repeated). steps: a respacing spec ("250",
+        "ddim25", ...; default: the preset's). sampler defaults to "ddim" for "ddimN" specs, else
+        "ddpm". low_res (upsamplers): N low-resolution images, uint8 NHWC or float [N, C, h, w].
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r}: expected a positive integer")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed={seed!r}: expected a non-negative integer")
+        diffusion = self.diffusion if steps is None else self.diffusion.respaced(str(steps))
+        if sampler is None:
+            sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
+        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        if scale != 0 and self.classifier is None:
+            raise ValueError(f"guidance_scale={scale} needs a classifier")
+        labels = self._labels(num_samples, classes, seed)
+        low = self._low_res(low_res, num_samples)
+        cfg = self.model.config
+        images = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_samples * diffusion.num_steps, desc="sampling", unit="step")
+
+        def tick(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            bar.update(x.shape[0])  # one step of every image in the batch
+
+        try:
+            for start in range(0, num_samples, batch_size):
+                idx = range(start, min(start + batch_size, num_samples))
+                x = sample(
+                    self.model,
+                    diffusion,
+                    (len(idx), cfg.in_channels, cfg.image_size, cfg.image_size),
+                    y=None if labels is None else torch.from_numpy(labels[start : idx.stop]),
+                    low_res=None if low is None else low[start : idx.stop],
+                    sampler=sampler,
+                    eta=eta,
+                    classifier=self.classifier if scale != 0 else None,
+                    guidance_scale=scale,
+                    clip_denoised=clip_denoised,
+                    seed=[sample_seed(seed, i) for i in idx],
+                    callback=tick if bar is not None else None,
+                )
+                images.append(to_uint8(x).cpu().numpy())
+        finally:
+            if bar is not None:
+                bar.close()
+        return Generation(np.concatenate(images), labels)
+
+    def _labels(self, n: int, classes, seed: int) -> np.ndarray | None:
+        if not self.needs_labels:
+            if classes is not None:
+                raise ValueError(
+                    "classes were given, but the model is unconditional and has no classifier"
+                )
+            return None
+        k = self.num_classes
+        if classes is None:
+            return np.array(
+                [
+                    np.random.default_rng(sample_seed(seed, i, stream=1)).integers(k)
+                    for i in range(n)
+                ],
+                dtype=np.int64,
+            )
+        wanted = [classes] if isinstance(classes, (int, np.integer)) else list(classes)
+        if not wanted:
+            raise ValueError("classes is empty")
+        bad = [c for c in wanted if not isinstance(c, (int, np.integer)) or not 0 <= c < k]
+        if bad:
+            raise ValueError(f"class labels {bad} out of range: expected integers in 0..{k - 1}")
+        return np.array([wanted[i % len(wanted)] for i in range(n)], dtype=np.int64)
+
+    def _low_res(self, low_res: Any, n: int) -> torch.Tensor | None:
+        if not isinstance(self.model, SuperResUNet):
+            if low_res is not None:
+                raise ValueError("low_res is for upsamplers; this model is not one")
+            return None
+        if low_res is None:
+            raise ValueError("an upsampler needs low_res images (e.g. a base model's samples.npz)")
+        if isinstance(low_res, np.ndarray) and low_res.dtype == np.uint8:
+            # The reference's super_res_sample: NHWC uint8 -> NCHW float in [-1, 1].
+            low_res = torch.from_numpy(low_res).float() / 127.5 - 1
+            low_res = low_res.permute(0, 3, 1, 2)
+        low_res = torch.as_tensor(low_res, dtype=torch.float32)
+        if low_res.ndim != 4 or len(low_res) < n:
+            raise ValueError(
+                f"low_res of shape {tuple(low_res.shape)}: expected at least {n} images"
+            )
+        return low_res[:n]

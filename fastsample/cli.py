@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 
 import click
 
@@ -15,9 +16,13 @@ def _one_line_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        def show(message, category, filename, lineno, file=None, line=None):
+            click.echo(f"warning: {message}", err=True)
+
+        warnings.showwarning = show
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, CheckpointError, FileNotFoundError) as e:
+        except (ValueError, TypeError, CheckpointError, FileNotFoundError, FileExistsError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
 
@@ -31,12 +36,23 @@ def main() -> None:
 
 @main.command("presets")
 def presets_cmd() -> None:
-    """List the released checkpoints that fastsample knows."""
+    """List the released checkpoints with their README settings."""
     from .config import PRESETS
 
     for name, p in PRESETS.items():
-        extra = f"  guided by {p.classifier} at scale {p.classifier_scale}" if p.classifier else ""
-        click.echo(f"{name:<26} {p.kind:<10}{extra}")
+        if p.diffusion is None:
+            click.echo(f"{name:<26} classifier  {p.network.image_size}x{p.network.image_size}")
+            continue
+        d = p.diffusion
+        line = (
+            f"{name:<26} {p.kind:<10}  {p.network.image_size}x{p.network.image_size}, "
+            f"{d.noise_schedule}, steps {d.timestep_respacing} (ddpm)"
+        )
+        if p.classifier:
+            line += f", guided by {p.classifier} at scale {p.classifier_scale}"
+        if p.low_res_size:
+            line += f", from {p.low_res_size}x{p.low_res_size}"
+        click.echo(line)
 
 
 @main.command("info")
@@ -75,6 +91,146 @@ def info_cmd(preset: str | None, flags: str | None, network: str) -> None:
     else:
         target = preset
     click.echo(format_summary(summarize(target)))
+
+
+def _parse_classes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--classes {text!r}: expected comma-separated integer labels such as 207,360"
+        ) from None
+
+
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@main.command(
+    "sample",
+    epilog="""\b
+Examples:
+  # the paper's headline recipe (ImageNet 256, ADM-G, 25 DDIM steps, scale 2.5):
+  fastsample sample --model 256x256_diffusion.pt --classifier 256x256_classifier.pt \\
+      --steps ddim25 --scale 2.5 --num-samples 64 --batch-size 16 --device cuda
+  # the README's 250-step ancestral sampling of the unconditional model, guided at 10:
+  fastsample sample --model 256x256_diffusion_uncond.pt \\
+      --classifier 256x256_classifier.pt --scale 10 --steps 250
+  # upsample a base model's samples 64 -> 256:
+  fastsample sample --model 64_256_upsampler.pt --low-res out64/samples.npz
+""",
+)
+@click.option("--model", "model", required=True, help="Checkpoint file or preset name.")
+@click.option("--classifier", help="Guidance classifier: checkpoint file or preset name.")
+@click.option(
+    "--scale",
+    type=float,
+    help="Classifier guidance scale (default: the preset's README scale, else 1.0).",
+)
+@click.option(
+    "--steps",
+    help="Respacing: '250', '25', 'ddim25', '10,10,5', ... (default: the preset's README).",
+)
+@click.option(
+    "--sampler",
+    type=click.Choice(["ddpm", "ddim", "dpm++2m"]),
+    help="Sampler (default: ddim for 'ddimN' steps, else ddpm).",
+)
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity.")
+@click.option("--num-samples", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--classes", help="Class labels, used in turn: '207' or '1,2,3' (default: random).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample i uses (seed, i).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", *_DTYPES]),
+    default="auto",
+    show_default=True,
+    help="Torso precision; auto = the README's on CUDA, fp32 on CPU.",
+)
+@click.option(
+    "--low-res",
+    type=click.Path(dir_okay=False),
+    help="Upsamplers: .npz of low-resolution images (arr_0 NHWC uint8, arr_1 labels).",
+)
+@click.option("--out", "out_dir", default="samples", show_default=True, help="Output directory.")
+@click.option("--overwrite", is_flag=True, help="Replace samples.npz / grid.png in --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_one_line_errors
+def sample_cmd(
+    model,
+    classifier,
+    scale,
+    steps,
+    sampler,
+    eta,
+    num_samples,
+    batch_size,
+    classes,
+    seed,
+    device,
+    dtype,
+    low_res,
+    out_dir,
+    overwrite,
+    quiet,
+) -> None:
+    """Generate images; writes OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels) and
+    OUT/grid.png."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from .pipeline import Pipeline
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here")
+    torch_device = torch.device(device)
+    if dtype == "auto":
+        torch_dtype = None if torch_device.type == "cuda" else torch.float32
+    else:
+        torch_dtype = getattr(torch, _DTYPES[dtype])
+    out = Path(out_dir)
+    if not overwrite:
+        for name in ("samples.npz", "grid.png"):
+            if (out / name).exists():
+                raise FileExistsError(f"{out / name} exists; pass --overwrite or another --out")
+    labels = _parse_classes(classes)
+    low = None
+    if low_res is not None:
+        try:
+            with np.load(low_res) as data:
+                low = data["arr_0"]
+                if labels is None and "arr_1" in data:
+                    labels = data["arr_1"].tolist()
+        except (OSError, KeyError, ValueError) as e:
+            raise ValueError(f"--low-res {low_res}: not an .npz with arr_0 images ({e})") from None
+    pipe = Pipeline.from_pretrained(
+        model, classifier, device=torch_device, dtype=torch_dtype, guidance_scale=scale
+    )
+    result = pipe.generate(
+        num_samples,
+        batch_size=batch_size,
+        classes=labels,
+        sampler=sampler,
+        steps=steps,
+        eta=eta,
+        seed=seed,
+        progress=not quiet,
+        low_res=low,
+    )
+    paths = result.save(out, overwrite=overwrite)
+    message = f"wrote {len(result.images)} images to {paths['npz']} and {paths['grid']}"
+    if result.labels is not None:
+        distinct = sorted(set(result.labels.tolist()))
+        shown = ",".join(map(str, distinct)) if len(distinct) <= 10 else f"{len(distinct)} classes"
+        message += f" (labels: {shown})"
+    click.echo(message)
 
 
 if __name__ == "__main__":

@@ -274,6 +274,8 @@ class Pipeline:
         if dtype is not None:
             self.model.set_precision(dtype)
         self.diffusion = diffusion
+        if classifier is None and guidance_scale:
+            raise ValueError(f"guidance_scale={float(guidance_scale)} needs a classifier")
         if guidance_scale is None:
             preset = PRESETS.get(model.preset or "")
             guidance_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
@@ -337,8 +339,10 @@ class Pipeline:
         progress: bool = True,
         low_res: np.ndarray | torch.Tensor | None = None,
         clip_denoised: bool = True,
+        first_index: int = 0,
     ) -> Generation:
-        """Generate num_samples images; sample i uses seed (seed, i), whatever the batch size.
+        """Generate num_samples images; sample i uses seed (seed, first_index + i), whatever the
+        batch size, so a run split into shards (first_index = shard start) gives the same images.
 
         classes: None draws a label per sample from its seed; an int gives every sample that
         class; a sequence is used in order (and repeated). steps: a respacing spec ("250",
@@ -351,13 +355,15 @@ class Pipeline:
             raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
         if not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed={seed!r}: expected a non-negative integer")
+        if not isinstance(first_index, int) or first_index < 0:
+            raise ValueError(f"first_index={first_index!r}: expected a non-negative integer")
         diffusion = self.diffusion if steps is None else self.diffusion.respaced(str(steps))
         if sampler is None:
             sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if scale != 0 and self.classifier is None:
             raise ValueError(f"guidance_scale={scale} needs a classifier")
-        labels = self._labels(num_samples, classes, seed)
+        labels = self._labels(num_samples, classes, seed, first_index)
         low = self._low_res(low_res, num_samples)
         cfg = self.model.config
         images = []
@@ -384,7 +390,7 @@ class Pipeline:
                     classifier=self.classifier if scale != 0 else None,
                     guidance_scale=scale,
                     clip_denoised=clip_denoised,
-                    seed=[sample_seed(seed, i) for i in idx],
+                    seed=[sample_seed(seed, first_index + i) for i in idx],
                     callback=tick if bar is not None else None,
                 )
                 images.append(to_uint8(x).cpu().numpy())
@@ -393,7 +399,7 @@ class Pipeline:
                 bar.close()
         return Generation(np.concatenate(images), labels)
 
-    def _labels(self, n: int, classes, seed: int) -> np.ndarray | None:
+    def _labels(self, n: int, classes, seed: int, first: int) -> np.ndarray | None:
         if not self.needs_labels:
             if classes is not None:
                 raise ValueError(
@@ -404,7 +410,7 @@ class Pipeline:
         if classes is None:
             return np.array(
                 [
-                    np.random.default_rng(sample_seed(seed, i, stream=1)).integers(k)
+                    np.random.default_rng(sample_seed(seed, first + i, stream=1)).integers(k)
                     for i in range(n)
                 ],
                 dtype=np.int64,
@@ -415,7 +421,7 @@ class Pipeline:
         bad = [c for c in wanted if not isinstance(c, (int, np.integer)) or not 0 <= c < k]
         if bad:
             raise ValueError(f"class labels {bad} out of range: expected integers in 0..{k - 1}")
-        return np.array([wanted[i % len(wanted)] for i in range(n)], dtype=np.int64)
+        return np.array([wanted[(first + i) % len(wanted)] for i in range(n)], dtype=np.int64)
 
     def _low_res(self, low_res: Any, n: int) -> torch.Tensor | None:
         if not isinstance(self.model, SuperResUNet):

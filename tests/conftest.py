@@ -46,3 +46,23 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def golden_labels(model_config: dict, tensors: dict) -> torch.Tensor | None:
     """The golden labels for a class-conditional config, None for an unconditional one."""
     return tensors["in_y"] if model_config.get("num_classes") is not None else None
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(golden, tmp_path_factory):
+    """The golden tiny UNet and classifier saved as .safetensors (config and diffusion settings
+    in the metadata), as a user's own small checkpoints would be."""
+    from fastsample import Classifier, Diffusion, UNet, save_checkpoint
+
+    config, g = golden
+    root = tmp_path_factory.mktemp("tiny")
+    unet = UNet(**config["unet_a"])
+    unet.load_state_dict(g["unet_a_state_dict"])
+    classifier = Classifier(**config["classifier"])
+    classifier.load_state_dict(g["classifier_state_dict"])
+    diffusion = Diffusion(noise_schedule="linear", timestep_respacing="ddim4")
+    return {
+        "model": save_checkpoint(unet, root / "tiny.safetensors", diffusion=diffusion),
+        "classifier": save_checkpoint(classifier, root / "tiny_classifier.safetensors"),
+        "diffusion": diffusion,
+    }

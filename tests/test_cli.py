@@ -53,7 +53,112 @@ def test_presets_lists_all_fifteen():
     result = CliRunner().invoke(main, ["presets"])
     assert result.exit_code == 0
     assert len(result.output.strip().splitlines()) == 15
-    assert (
-        "256x256_diffusion_uncond   unet        guided by 256x256_classifier at scale 10.0"
-        in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("256x256_diffusion_uncond "))
+    assert "steps 250 (ddpm), guided by 256x256_classifier at scale 10.0" in line
+
+
+def _sample_args(tiny, out, *extra):
+    return [
+        "sample",
+        "--model",
+        str(tiny["model"]),
+        "--out",
+        str(out),
+        "--quiet",
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "2",
+        *extra,
+    ]
+
+
+def test_sample_writes_the_evaluator_format_and_a_grid(tiny_checkpoints, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    out = tmp_path / "run"
+    args = _sample_args(
+        tiny_checkpoints,
+        out,
+        "--classifier",
+        str(tiny_checkpoints["classifier"]),
+        "--scale",
+        "2.5",
+        "--classes",
+        "3,7",
+        "--seed",
+        "4",
     )
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote 5 images to {out / 'samples.npz'}" in result.output
+    with np.load(out / "samples.npz") as data:
+        assert sorted(data.files) == ["arr_0", "arr_1"]
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [3, 7, 3, 7, 3] and labels.dtype == np.int64
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (3 * 16, 2 * 16)
+    assert len(images.reshape(5, -1).std(axis=1).nonzero()[0]) == 5  # not blank images
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz"]  # no temporaries
+
+
+def test_sample_is_reproducible_and_batch_size_independent(tiny_checkpoints, tmp_path):
+    import numpy as np
+
+    runs = []
+    for i, batch in enumerate(["5", "2"]):
+        out = tmp_path / f"b{i}"
+        result = CliRunner().invoke(
+            main, _sample_args(tiny_checkpoints, out, "--seed", "9") + ["--batch-size", batch]
+        )
+        assert result.exit_code == 0, result.output
+        with np.load(out / "samples.npz") as data:
+            runs.append((data["arr_0"], data["arr_1"]))
+    (a, la), (b, lb) = runs
+    assert np.array_equal(la, lb)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding across batch sizes
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "ddimx"], "respacing 'ddimx'"),
+        (["--steps", "fast"], "expected '', 'ddimN', or comma-separated"),
+        (["--classes", "3,12"], "class labels [12] out of range: expected integers in 0..9"),
+        (["--classes", "three"], "--classes 'three': expected comma-separated integer"),
+        (["--scale", "2"], "guidance_scale=2.0 needs a classifier"),
+        (["--num-samples", "0"], "num_samples=0: expected a positive integer"),
+        (["--device", "cuda:7"], None),
+    ],
+)
+def test_sample_refuses_bad_input_in_one_line(tiny_checkpoints, tmp_path, extra, message):
+    import torch
+
+    if extra[0] == "--device":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA; the no-CUDA message is for CPU machines")
+        message = "--device cuda:7: no CUDA device is available here"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, _sample_args(tiny_checkpoints, out, *extra))
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_sample_refuses_unknown_model_and_keeps_existing_files(tiny_checkpoints, tmp_path):
+    result = CliRunner().invoke(main, ["sample", "--model", "nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "model 'nope' is neither an existing checkpoint file nor a preset" in result.output
+    (tmp_path / "samples.npz").write_bytes(b"earlier results")
+    result = CliRunner().invoke(main, _sample_args(tiny_checkpoints, tmp_path))
+    assert result.exit_code == 2 and "exists; pass --overwrite" in result.output
+    assert (tmp_path / "samples.npz").read_bytes() == b"earlier results"
+
+
+def test_sample_help_has_examples():
+    result = CliRunner().invoke(main, ["sample", "--help"])
+    assert result.exit_code == 0
+    assert "--steps ddim25 --scale 2.5" in result.output

@@ -1,0 +1,1 @@
+"""fastsample benchmarks (not installed): python -m bench.<name>."""

@@ -161,18 +161,26 @@ def sample(
         if callback is not None:
             callback(k, x, x0)
 
-    with torch.no_grad():
-        final = samplers.run(
-            sampler,
-            net,
-            diffusion,
-            draw,
-            eta=eta,
-            guide=guide,
-            clip_denoised=clip_denoised,
-            progress=progress,
-            callback=record,
-        )
+    # Sampling always runs the networks in eval mode (dropout off); their mode is restored.
+    modes = [(m, m.training) for m in (model, classifier) if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        with torch.no_grad():
+            final = samplers.run(
+                sampler,
+                net,
+                diffusion,
+                draw,
+                eta=eta,
+                guide=guide,
+                clip_denoised=clip_denoised,
+                progress=progress,
+                callback=record,
+            )
+    finally:
+        for m, training in modes:
+            m.train(training)
     if not return_trajectory:
         return final
     return {

@@ -361,3 +361,16 @@ def test_unconditional_model_with_classifier_sends_labels_to_classifier_only(gol
     assert rel_err(guided, plain) > 1e-3  # the guidance did act
     with pytest.raises(ValueError, match="model is unconditional and there is no guidance"):
         sample(uncond, d, (2, 3, 16, 16), y=y, seed=1)
+
+
+def test_sampling_runs_networks_in_eval_mode_and_restores_it(golden):
+    config, g = golden
+    model = UNet(**{**config["unet_a"], "dropout": 0.5})
+    model.load_state_dict(g["unet_a_state_dict"])
+    model.train()
+    d = Diffusion(timestep_respacing="ddim2")
+    y = torch.tensor([1, 2])
+    first = sample(model, d, (2, 3, 16, 16), y=y, sampler="ddim", seed=0)
+    second = sample(model, d, (2, 3, 16, 16), y=y, sampler="ddim", seed=0)
+    assert torch.equal(first, second)  # dropout would make these differ
+    assert model.training

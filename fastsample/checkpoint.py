@@ -204,12 +204,19 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> _Network:
-    """Load a released (or fastsample-saved) checkpoint strictly, in eval mode.
+    """Load a released (or fastsample-saved) checkpoint strictly, in eval mode. `path` may also
+    name a preset whose weights ship with fastsample ("demo-mnist", "demo-mnist-classifier").
 
     dtype None runs the torso as the README does (float16 where use_fp16 is set); float32,
     float16 or bfloat16 choose explicitly.
     """
     path = Path(path)
+    if not path.exists() and str(path) in PRESETS and PRESETS[str(path)].weights:
+        # A preset whose weights ship with fastsample (the demo).
+        from .demo import WEIGHTS_DIR
+
+        preset = preset or str(path)
+        path = WEIGHTS_DIR / PRESETS[str(path)].weights
     state_dict, metadata = read_checkpoint(path)
     config, name = _choose_config(path, state_dict, metadata, preset)
     model = create_model(config, device="meta", dtype=torch.float32)

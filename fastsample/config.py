@@ -180,7 +180,11 @@ def _check_common(cfg: UNetConfig | ClassifierConfig) -> None:
     if cfg.num_head_channels != -1:
         if cfg.num_head_channels < 1:
             raise ValueError(f"num_head_channels={cfg.num_head_channels}: expected -1 or >= 1")
-        for ch in cfg.level_channels:
+        # Only levels that hold attention blocks (and the middle block, at the last level).
+        last = len(cfg.channel_mult) - 1
+        for level, ch in enumerate(cfg.level_channels):
+            if 2**level not in cfg.attention_resolutions and level != last:
+                continue
             if ch % cfg.num_head_channels:
                 raise ValueError(
                     f"num_head_channels={cfg.num_head_channels} does not divide the level "
@@ -512,6 +516,7 @@ class Preset:
     classifier: str | None = None  # README classifier preset for guided sampling
     classifier_scale: float | None = None
     low_res_size: int | None = None  # upsamplers: side of the low-resolution input
+    weights: str | None = None  # file shipped in fastsample/demo/weights (demo presets only)
 
     @property
     def kind(self) -> Literal["unet", "superres", "classifier"]:
@@ -628,7 +633,52 @@ _PRESETS = [
     Preset("512x512_classifier", _classifier(512)),
 ]
 
+# The embedded demo (trained by `python -m fastsample.demo.train` on MNIST, 32x32 grey): the
+# released architecture at small width.
+DEMO_UNET, DEMO_CLASSIFIER = "demo-mnist", "demo-mnist-classifier"
+_PRESETS += [
+    Preset(
+        DEMO_UNET,
+        UNetConfig(
+            image_size=32,
+            in_channels=1,
+            model_channels=32,
+            out_channels=2,
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            dropout=0.1,
+            channel_mult=(1, 2, 2),
+            num_classes=10,
+            num_head_channels=32,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+        ),
+        Diffusion(noise_schedule="cosine", timestep_respacing="ddim25"),
+        classifier=DEMO_CLASSIFIER,
+        classifier_scale=2.0,
+        weights=f"{DEMO_UNET}.safetensors",
+    ),
+    Preset(
+        DEMO_CLASSIFIER,
+        ClassifierConfig(
+            image_size=32,
+            in_channels=1,
+            model_channels=32,
+            out_channels=10,
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            channel_mult=(1, 2, 2),
+            num_head_channels=32,
+            use_scale_shift_norm=True,
+            resblock_updown=True,
+            pool="attention",
+        ),
+        weights=f"{DEMO_CLASSIFIER}.safetensors",
+    ),
+]
+
 PRESETS: Mapping[str, Preset] = MappingProxyType({p.name: p for p in _PRESETS})
+RELEASED: tuple[str, ...] = tuple(p.name for p in _PRESETS if p.weights is None)
 
 
 def get_preset(name: str) -> Preset:

@@ -243,7 +243,7 @@ def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role
     if isinstance(spec, torch.nn.Module):
         return spec
     spec = str(spec)
-    if os.path.exists(spec):
+    if os.path.exists(spec) or (spec in PRESETS and PRESETS[spec].weights):
         return load_model(spec, device=device, dtype=dtype)
     if spec in PRESETS:
         warnings.warn(
@@ -316,7 +316,7 @@ class Pipeline:
             preset = PRESETS.get(net.preset or "")
             if preset is not None and preset.diffusion is not None:
                 diffusion = preset.diffusion
-            elif os.path.exists(str(model)):
+            elif os.path.isfile(str(model)):
                 diffusion = read_diffusion(model)
             if diffusion is None:
                 diffusion = Diffusion(

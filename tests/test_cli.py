@@ -49,10 +49,12 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_presets_lists_all_fifteen():
+def test_presets_lists_every_preset():
+    from fastsample import presets
+
     result = CliRunner().invoke(main, ["presets"])
     assert result.exit_code == 0
-    assert len(result.output.strip().splitlines()) == 15
+    assert [line.split()[0] for line in result.output.strip().splitlines()] == list(presets)
     line = next(x for x in result.output.splitlines() if x.startswith("256x256_diffusion_uncond "))
     assert "steps 250 (ddpm), guided by 256x256_classifier at scale 10.0" in line
 

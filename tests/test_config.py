@@ -13,6 +13,7 @@ import fastsample
 from fastsample import Classifier, SuperResUNet, UNet, create_model
 from fastsample.config import (
     CLASSIFIER_SAMPLE_FLAGS,
+    RELEASED,
     ClassifierConfig,
     UNetConfig,
     parse_flags,
@@ -27,7 +28,8 @@ ORDER = {"QKVAttentionLegacy": "legacy", "QKVAttention": "new"}
 
 def test_every_manifest_has_a_preset_and_back():
     assert len(STEMS) == 15, "expected the 15 released checkpoint manifests in ../shared"
-    assert sorted(fastsample.presets) == STEMS
+    assert sorted(RELEASED) == STEMS
+    assert set(fastsample.presets) - set(RELEASED) == {"demo-mnist", "demo-mnist-classifier"}
 
 
 @pytest.mark.parametrize("stem", STEMS)
@@ -156,6 +158,12 @@ def test_configs_reject_bad_values():
     )
     with pytest.raises(ValueError, match="num_head_channels=48 does not divide"):
         UNetConfig(**base, num_head_channels=48)
+    # Levels without attention may have any width, as in the reference.
+    UNetConfig(
+        **{**base, "model_channels": 48, "attention_resolutions": (2,)},
+        channel_mult=(1, 2),
+        num_head_channels=32,
+    )
     with pytest.raises(ValueError, match="pool='max'"):
         ClassifierConfig(**base, pool="max")
     with pytest.raises(ValueError, match="dims=4"):

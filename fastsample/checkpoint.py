@@ -276,23 +276,34 @@ def save_checkpoint(
     state_dict = {
         k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
     }
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save
+
+        metadata = {METADATA_KEY: json.dumps(config_to_dict(model.config))}
+        if model.preset:
+            metadata[PRESET_KEY] = model.preset
+        if diffusion is not None:
+            metadata[DIFFUSION_KEY] = json.dumps(dataclasses.asdict(diffusion))
+        data = save(state_dict, metadata=metadata)
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        atomic_write(path, lambda f: torch.save(state_dict, f))
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it into place: readers
+    see the old file or the complete new one, never a partial one."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            metadata = {METADATA_KEY: json.dumps(config_to_dict(model.config))}
-            if model.preset:
-                metadata[PRESET_KEY] = model.preset
-            if diffusion is not None:
-                metadata[DIFFUSION_KEY] = json.dumps(dataclasses.asdict(diffusion))
-            save_file(state_dict, tmp, metadata=metadata)
-        else:
-            torch.save(state_dict, tmp)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path

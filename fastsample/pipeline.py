@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from . import sampler as samplers
-from .checkpoint import create_model, load_model, read_diffusion
+from .checkpoint import atomic_write, create_model, load_model, read_diffusion
 from .config import PRESETS
 from .guidance import classifier_guide
 from .schedule import Diffusion
@@ -52,7 +51,10 @@ def _noise_source(noise, seed, shape, steps: int, device) -> samplers.NoiseFn:
         noise = noise.to(device=device, dtype=torch.float32)
         return lambda k: noise[k]
     if seed is not None:
-        seeds = [sample_seed(seed, b) for b in range(shape[0])] if isinstance(seed, int) else seed
+        if isinstance(seed, (int, np.integer)):
+            seeds = [sample_seed(int(seed), b) for b in range(shape[0])]
+        else:
+            seeds = list(seed)
         seeds = [int(s) for s in seeds]
         if len(seeds) != shape[0]:
             raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}: expected one each")
@@ -208,9 +210,9 @@ class Generation:
                     raise FileExistsError(f"{p} exists; choose another directory or overwrite")
         out.mkdir(parents=True, exist_ok=True)
         arrays = [self.images] + ([self.labels] if self.labels is not None else [])
-        _atomic_write(paths["npz"], lambda f: np.savez(f, *arrays))
+        atomic_write(paths["npz"], lambda f: np.savez(f, *arrays))
         grid = image_grid(self.images)
-        _atomic_write(paths["grid"], lambda f: grid.save(f, format="PNG"))
+        atomic_write(paths["grid"], lambda f: grid.save(f, format="PNG"))
         return paths
 
 
@@ -226,17 +228,6 @@ def image_grid(images: np.ndarray):
         r, col = divmod(i, cols)
         canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role: str):

@@ -46,6 +46,9 @@ def test_round_trip_gives_identical_outputs(golden, tmp_path, key, suffix):
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert torch.equal(_forward(loaded, golden, key), _forward(model, golden, key))
     assert [p.name for p in tmp_path.iterdir()] == [f"tiny{suffix}"]  # no temporary left over
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
 
 def test_released_pt_file_is_a_plain_state_dict(golden, tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_model, save_checkpoint
 from ..config import DEMO_CLASSIFIER, DEMO_UNET, PRESETS
 from ..judge import Judge
 from ..unet import Classifier, UNet
@@ -119,14 +120,17 @@ def _ema_update(ema, model, step):
             e.mul_(rate).add_(p, alpha=1 - rate)
 
 
-def train_unet(x, y, steps, batch, log, seed=0):
+def train_unet(x, y, steps, batch, log, seed=0, init=None, lr=1e-3):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     preset = PRESETS[DEMO_UNET]
     model = UNet(preset.network).train()
+    if init is not None:
+        model.load_state_dict(load_model(init).state_dict())
+        log(f"unet: continuing from {init}")
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     loss_fn = HybridLoss(preset.diffusion.respaced(""))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: min(1.0, (s + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))),
@@ -219,6 +223,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WEIGHTS_DIR)
     parser.add_argument("--only", choices=["unet", "classifier", "judge"], help="train one network")
+    parser.add_argument("--init", type=Path, help="start the diffusion model from these weights")
+    parser.add_argument("--lr", type=float, default=1e-3, help="diffusion model learning rate")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +239,7 @@ def main() -> None:
     x_tr, y_tr, x_ho, y_ho = split(images, labels)
     np.savez_compressed(args.out / "heldout.npz", x_ho, y_ho)
     x, y = _to_float(x_tr), torch.from_numpy(y_tr)
+    log(f"$ python -m fastsample.demo.train {' '.join(sys.argv[1:])}")
     log(
         f"torch {torch.__version__}, {args.threads} threads; {len(x)} training digits, "
         f"{len(x_ho)} held out"
@@ -252,7 +259,7 @@ def main() -> None:
         clf.preset = DEMO_CLASSIFIER
         save_checkpoint(clf, args.out / f"{DEMO_CLASSIFIER}.safetensors")
     if args.only in (None, "unet"):
-        unet = train_unet(x, y, args.steps, args.batch, log)
+        unet = train_unet(x, y, args.steps, args.batch, log, init=args.init, lr=args.lr)
         unet.preset = DEMO_UNET
         save_checkpoint(
             unet, args.out / f"{DEMO_UNET}.safetensors", diffusion=PRESETS[DEMO_UNET].diffusion

@@ -46,8 +46,7 @@ def presets_cmd() -> None:
         d = p.diffusion
         line = (
             f"{name:<26} {p.kind:<10}  {p.network.image_size}x{p.network.image_size}, "
-            f"{d.noise_schedule}, steps {d.timestep_respacing} "
-            f"({'ddim' if d.timestep_respacing.startswith('ddim') else 'ddpm'})"
+            f"{d.noise_schedule}, steps {d.timestep_respacing} ({p.sampler})"
         )
         if p.classifier:
             line += f", guided by {p.classifier} at scale {p.classifier_scale}"
@@ -143,7 +142,7 @@ Examples:
 @click.option(
     "--sampler",
     type=click.Choice(["ddpm", "ddim", "dpm++2m"]),
-    help="Sampler (default: ddim for 'ddimN' steps, else ddpm).",
+    help="Sampler (default: the preset's without --steps; else ddim for 'ddimN', else ddpm).",
 )
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity.")
 @click.option("--num-samples", type=int, default=64, show_default=True)

@@ -345,8 +345,9 @@ class Pipeline:
 
         classes: None draws a label per sample from its seed; an int gives every sample that
         class; a sequence is used in order (and repeated). steps: a respacing spec ("250",
-        "ddim25", ...; default: the preset's). sampler defaults to "ddim" for "ddimN" specs, else
-        "ddpm". low_res (upsamplers): N low-resolution images, uint8 NHWC or float [N, C, h, w].
+        "ddim25", ...; default: the preset's). sampler: without steps, the preset's; else "ddim"
+        for "ddimN" specs and "ddpm" otherwise. low_res (upsamplers): N low-resolution images,
+        uint8 NHWC or float [N, C, h, w].
         """
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected a positive integer")
@@ -358,7 +359,11 @@ class Pipeline:
             raise ValueError(f"first_index={first_index!r}: expected a non-negative integer")
         diffusion = self.diffusion if steps is None else self.diffusion.respaced(str(steps))
         if sampler is None:
-            sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
+            preset = PRESETS.get(self.model.preset or "")
+            if steps is None and preset is not None:
+                sampler = preset.sampler  # the preset's own (README) setting
+            else:
+                sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if scale != 0 and self.classifier is None:
             raise ValueError(f"guidance_scale={scale} needs a classifier")

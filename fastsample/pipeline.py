@@ -20,7 +20,7 @@ import torch
 
 from . import sampler as samplers
 from .checkpoint import atomic_write, create_model, load_model, read_diffusion
-from .config import PRESETS
+from .config import PRESETS, SuperResConfig
 from .guidance import classifier_guide
 from .schedule import Diffusion
 from .unet import Classifier, SuperResUNet, UNet
@@ -95,6 +95,7 @@ def sample(
     progress: bool = False,
     return_trajectory: bool = False,
     callback: samplers.StepCallback | None = None,
+    backend: str = "eager",
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Draw one batch of samples [B, C, H, W] (on the [-1, 1] scale, not clipped: see to_uint8).
 
@@ -102,21 +103,93 @@ def sample(
     order. seed: an int (sample b gets sample_seed(seed, b)) or one generator seed per sample.
     classifier + guidance_scale: classifier guidance with labels y (for an unconditional model,
     y goes to the classifier only).
+    backend: "eager" runs the torch modules; "onnxruntime", "tensorrt" and "aoti" run exported
+    graphs of the UNet and of the guidance gradient. model may then be an ExportedGraphs
+    (`fastsample.export.load(dir)`), whose own gradient graph guides; eager networks are
+    exported once into the cache (FASTSAMPLE_CACHE, default ~/.cache/fastsample).
     """
+    shape = tuple(int(s) for s in shape)
+    if backend != "eager":
+        return _sample_exported(
+            model,
+            diffusion,
+            shape,
+            backend,
+            y=y,
+            low_res=low_res,
+            sampler=sampler,
+            eta=eta,
+            classifier=classifier,
+            guidance_scale=guidance_scale,
+            clip_denoised=clip_denoised,
+            noise=noise,
+            seed=seed,
+            progress=progress,
+            return_trajectory=return_trajectory,
+            callback=callback,
+        )
+    if not isinstance(model, UNet):
+        raise TypeError(
+            f"model: expected a UNet or SuperResUNet for the eager backend, got "
+            f"{type(model).__name__}"
+        )
+    device = next(model.parameters()).device
+    y, y_model, low_res = _check_inputs(
+        model.config,
+        classifier.config if classifier is not None else None,
+        shape,
+        y,
+        low_res,
+        sampler,
+        guidance_scale,
+        device,
+    )
+    if isinstance(model, SuperResUNet):
+
+        def net(x, t):
+            return model(x, t, low_res=low_res, y=y_model)
+    else:
+
+        def net(x, t):
+            return model(x, t, y_model)
+
+    guided = classifier is not None and guidance_scale != 0
+    guide = classifier_guide(classifier, y, guidance_scale) if guided else None
+    draw = _noise_source(noise, seed, shape, diffusion.num_steps, device)
+    # Sampling always runs the networks in eval mode (dropout off); their mode is restored.
+    modes = [(m, m.training) for m in (model, classifier) if m is not None]
+    try:
+        for m, _ in modes:
+            m.eval()
+        return _run(
+            sampler,
+            net,
+            guide,
+            diffusion,
+            draw,
+            eta,
+            clip_denoised,
+            progress,
+            return_trajectory,
+            callback,
+        )
+    finally:
+        for m, training in modes:
+            m.train(training)
+
+
+def _check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, device):
+    """Validate a sampling request -> (labels, labels for the model, low_res on device)."""
     if sampler not in samplers.SAMPLERS:
         raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(samplers.SAMPLERS)}")
-    shape = tuple(int(s) for s in shape)
     if len(shape) != 4:
         raise ValueError(f"shape {shape}: expected (batch, channels, height, width)")
     batch = shape[0]
-    if shape[1] != model.config.in_channels:
-        raise ValueError(
-            f"shape {shape}: the model makes {model.config.in_channels}-channel images"
-        )
-    device = next(model.parameters()).device
-    conditional = model.config.num_classes is not None
-    guided = classifier is not None and guidance_scale != 0
-    if guidance_scale != 0 and classifier is None:
+    if shape[1] != cfg.in_channels:
+        raise ValueError(f"shape {shape}: the model makes {cfg.in_channels}-channel images")
+    conditional = cfg.num_classes is not None
+    guided = clf_cfg is not None and guidance_scale != 0
+    if guidance_scale != 0 and clf_cfg is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
     if y is None and (conditional or guided):
         raise ValueError(
@@ -128,12 +201,12 @@ def sample(
             raise ValueError("y was given, but the model is unconditional and there is no guidance")
         y = torch.as_tensor(y, device=device)
         if conditional:
-            _check_labels(y, batch, model.config.num_classes, "the model")
+            _check_labels(y, batch, cfg.num_classes, "the model")
         if guided:
-            _check_labels(y, batch, classifier.config.out_channels, "the classifier")
+            _check_labels(y, batch, clf_cfg.out_channels, "the classifier")
         y = y.long()
     y_model = y if conditional else None
-    if isinstance(model, SuperResUNet):
+    if isinstance(cfg, SuperResConfig):
         if low_res is None:
             raise ValueError("an upsampler needs low_res: [B, C, h, w] images in [-1, 1]")
         low_res = low_res.to(device=device, dtype=torch.float32)
@@ -141,19 +214,14 @@ def sample(
             raise ValueError(
                 f"low_res of shape {tuple(low_res.shape)}: expected ({batch}, {shape[1]}, h, w)"
             )
+    elif low_res is not None:
+        raise ValueError("low_res is for upsamplers; this model is not one")
+    return y, y_model, low_res
 
-        def net(x, t):
-            return model(x, t, low_res=low_res, y=y_model)
-    else:
-        if low_res is not None:
-            raise ValueError("low_res is for upsamplers; this model is not one")
 
-        def net(x, t):
-            return model(x, t, y_model)
-
-    guide = classifier_guide(classifier, y, guidance_scale) if guided else None
-    draw = _noise_source(noise, seed, shape, diffusion.num_steps, device)
-
+def _run(
+    sampler, net, guide, diffusion, draw, eta, clip_denoised, progress, return_trajectory, callback
+):
     trajectory: dict[str, list[torch.Tensor]] = {"samples": [], "pred_xstart": []}
 
     def record(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -163,26 +231,18 @@ def sample(
         if callback is not None:
             callback(k, x, x0)
 
-    # Sampling always runs the networks in eval mode (dropout off); their mode is restored.
-    modes = [(m, m.training) for m in (model, classifier) if m is not None]
-    try:
-        for m, _ in modes:
-            m.eval()
-        with torch.no_grad():
-            final = samplers.run(
-                sampler,
-                net,
-                diffusion,
-                draw,
-                eta=eta,
-                guide=guide,
-                clip_denoised=clip_denoised,
-                progress=progress,
-                callback=record,
-            )
-    finally:
-        for m, training in modes:
-            m.train(training)
+    with torch.no_grad():
+        final = samplers.run(
+            sampler,
+            net,
+            diffusion,
+            draw,
+            eta=eta,
+            guide=guide,
+            clip_denoised=clip_denoised,
+            progress=progress,
+            callback=record,
+        )
     if not return_trajectory:
         return final
     return {
@@ -190,6 +250,63 @@ def sample(
         "samples": torch.stack(trajectory["samples"]),
         "pred_xstart": torch.stack(trajectory["pred_xstart"]),
     }
+
+
+def _sample_exported(
+    model,
+    diffusion,
+    shape,
+    backend,
+    *,
+    y,
+    low_res,
+    sampler,
+    eta,
+    classifier,
+    guidance_scale,
+    clip_denoised,
+    noise,
+    seed,
+    progress,
+    return_trajectory,
+    callback,
+):
+    """sample() on exported graphs (see sample's doc)."""
+    from fastsample.export.runtime import BACKENDS, ExportedGraphs, graphs_for
+
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if isinstance(model, ExportedGraphs):
+        if classifier is not None:
+            raise ValueError(
+                "classifier: an export carries its own gradient graph; pass classifier=None"
+            )
+        graphs = model
+        if graphs.backend != backend:
+            raise ValueError(f"these graphs run on {graphs.backend!r}, not {backend!r}")
+    elif isinstance(model, UNet):
+        graphs = graphs_for(model, classifier if guidance_scale != 0 else None, backend, diffusion)
+    else:
+        raise TypeError(f"model: expected a UNet or ExportedGraphs, got {type(model).__name__}")
+    clf_cfg = graphs.classifier_config if graphs.classifier_grad is not None else None
+    y, y_model, low_res = _check_inputs(
+        graphs.config, clf_cfg, shape, y, low_res, sampler, guidance_scale, graphs.device
+    )
+    net = graphs.net_fn(y=y_model, low_res=low_res)
+    guide = graphs.guide_fn(y, guidance_scale) if guidance_scale != 0 else None
+    draw = _noise_source(noise, seed, shape, diffusion.num_steps, graphs.device)
+    return _run(
+        sampler,
+        net,
+        guide,
+        diffusion,
+        draw,
+        eta,
+        clip_denoised,
+        progress,
+        return_trajectory,
+        callback,
+    )
 
 
 @dataclass
@@ -250,7 +367,11 @@ def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role
 
 
 class Pipeline:
-    """Batched generation with a diffusion model and an optional guidance classifier."""
+    """Batched generation with a diffusion model and an optional guidance classifier.
+
+    backend "eager" runs the torch modules; "onnxruntime", "tensorrt" or "aoti" run their
+    exported graphs (exported once into the cache; see `sample`). `Pipeline.from_export(dir)`
+    runs an export directory without the eager networks."""
 
     def __init__(
         self,
@@ -260,7 +381,12 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         guidance_scale: float | None = None,
+        backend: str = "eager",
     ):
+        from fastsample.export.runtime import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         if not isinstance(model, UNet):
             raise TypeError(f"model: expected a UNet or SuperResUNet, got {type(model).__name__}")
         if classifier is not None and not isinstance(classifier, Classifier):
@@ -273,12 +399,50 @@ class Pipeline:
         if dtype is not None:
             self.model.set_precision(dtype)
         self.diffusion = diffusion
+        self.backend = backend
+        self.graphs = None  # ExportedGraphs, made on first use for a non-eager backend
+        self.config = model.config
+        self.classifier_config = classifier.config if classifier is not None else None
+        self.preset = model.preset
         if classifier is None and guidance_scale:
             raise ValueError(f"guidance_scale={float(guidance_scale)} needs a classifier")
         if guidance_scale is None:
             preset = PRESETS.get(model.preset or "")
             guidance_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
         self.guidance_scale = float(guidance_scale) if classifier is not None else 0.0
+
+    @classmethod
+    def from_export(
+        cls, directory: str | os.PathLike, backend: str | None = None, device: str | None = None
+    ) -> Pipeline:
+        """Run an export directory (`fastsample export`) on its backend: ONNX Runtime for an
+        onnx export (or TensorRT, building engines), AOTInductor, or its TensorRT engines."""
+        from fastsample.export.runtime import ExportedGraphs
+
+        graphs = ExportedGraphs(directory, backend=backend, device=device)
+        self = cls.__new__(cls)
+        self.model = self.classifier = None
+        self.graphs = graphs
+        self.backend = graphs.backend
+        self.device = graphs.device
+        self.diffusion = graphs.diffusion
+        self.config = graphs.config
+        self.classifier_config = (
+            graphs.classifier_config if graphs.classifier_grad is not None else None
+        )
+        self.preset = graphs.preset
+        self.guidance_scale = graphs.guidance_scale if self.classifier_config else 0.0
+        return self
+
+    def _networks(self, diffusion: Diffusion, guided: bool):
+        """What sample() is given: the eager modules, or the loaded graphs."""
+        if self.backend == "eager":
+            return self.model, self.classifier if guided else None
+        if self.graphs is None:
+            from fastsample.export.runtime import graphs_for
+
+            self.graphs = graphs_for(self.model, self.classifier, self.backend, diffusion)
+        return self.graphs, None
 
     @classmethod
     def from_pretrained(
@@ -290,6 +454,7 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         guidance_scale: float | None = None,
         diffusion: Diffusion | None = None,
+        backend: str = "eager",
     ) -> Pipeline:
         """From checkpoint files or preset names. Diffusion settings come from the preset (by the
         file name or its metadata), else the file's saved settings, else the defaults."""
@@ -313,17 +478,19 @@ class Pipeline:
                 diffusion = Diffusion(
                     learn_sigma=net.config.out_channels == 2 * net.config.in_channels
                 )
-        return cls(net, diffusion, clf, device=device, guidance_scale=guidance_scale)
+        return cls(
+            net, diffusion, clf, device=device, guidance_scale=guidance_scale, backend=backend
+        )
 
     @property
     def needs_labels(self) -> bool:
-        return self.model.config.num_classes is not None or self.classifier is not None
+        return self.config.num_classes is not None or self.classifier_config is not None
 
     @property
     def num_classes(self) -> int | None:
-        if self.model.config.num_classes is not None:
-            return self.model.config.num_classes
-        return self.classifier.config.out_channels if self.classifier is not None else None
+        if self.config.num_classes is not None:
+            return self.config.num_classes
+        return self.classifier_config.out_channels if self.classifier_config else None
 
     def generate(
         self,
@@ -359,17 +526,18 @@ class Pipeline:
             raise ValueError(f"first_index={first_index!r}: expected a non-negative integer")
         diffusion = self.diffusion if steps is None else self.diffusion.respaced(str(steps))
         if sampler is None:
-            preset = PRESETS.get(self.model.preset or "")
+            preset = PRESETS.get(self.preset or "")
             if steps is None and preset is not None:
                 sampler = preset.sampler  # the preset's own (README) setting
             else:
                 sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if scale != 0 and self.classifier is None:
+        if scale != 0 and self.classifier_config is None:
             raise ValueError(f"guidance_scale={scale} needs a classifier")
         labels = self._labels(num_samples, classes, seed, first_index)
         low = self._low_res(low_res, num_samples)
-        cfg = self.model.config
+        cfg = self.config
+        net, clf = self._networks(diffusion, scale != 0)
         images = []
         bar = None
         if progress:
@@ -384,18 +552,19 @@ class Pipeline:
             for start in range(0, num_samples, batch_size):
                 idx = range(start, min(start + batch_size, num_samples))
                 x = sample(
-                    self.model,
+                    net,
                     diffusion,
                     (len(idx), cfg.in_channels, cfg.image_size, cfg.image_size),
                     y=None if labels is None else torch.from_numpy(labels[start : idx.stop]),
                     low_res=None if low is None else low[start : idx.stop],
                     sampler=sampler,
                     eta=eta,
-                    classifier=self.classifier if scale != 0 else None,
+                    classifier=clf,
                     guidance_scale=scale,
                     clip_denoised=clip_denoised,
                     seed=[sample_seed(seed, first_index + i) for i in idx],
                     callback=tick if bar is not None else None,
+                    backend=self.backend,
                 )
                 images.append(to_uint8(x).cpu().numpy())
         finally:
@@ -428,7 +597,7 @@ class Pipeline:
         return np.array([wanted[(first + i) % len(wanted)] for i in range(n)], dtype=np.int64)
 
     def _low_res(self, low_res: Any, n: int) -> torch.Tensor | None:
-        if not isinstance(self.model, SuperResUNet):
+        if not isinstance(self.config, SuperResConfig):
             if low_res is not None:
                 raise ValueError("low_res is for upsamplers; this model is not one")
             return None

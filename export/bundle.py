@@ -1,0 +1,357 @@
+"""Export directories: graphs of the UNet and of the guidance gradient, the sampling schedule
+and a manifest that pins every file by sha256.
+
+    DIR/manifest.json          versions, dtypes, graph inputs/outputs, sources, sha256 of files
+    DIR/schedule.json          the respaced schedule: settings, timestep map, per-step tables
+    DIR/unet.onnx              (x, t[, low_res][, y]) -> network output      --target onnx
+    DIR/classifier_grad.onnx   (x, t, y) -> grad_x log p(y | x_t), unscaled   (with a classifier)
+    DIR/*.engine               TensorRT engines of the same graphs            --target tensorrt
+    DIR/*.pt2                  AOTInductor packages of the same functions     --target aoti
+
+A directory is written under a temporary name beside DIR and renamed into place when complete:
+an interrupted export leaves no partial DIR, and an existing DIR is replaced only on request.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsample.config import config_to_dict
+from fastsample.schedule import Diffusion
+from fastsample.unet import Classifier, UNet
+
+from .graphs import GraphIO, classifier_grad_graph, classifier_io, unet_graph
+
+FORMAT = "fastsample-export"
+FORMAT_VERSION = 1
+TARGETS = ("onnx", "tensorrt", "aoti")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRAPH_FILES = {
+    "onnx": {"unet": "unet.onnx", "classifier_grad": "classifier_grad.onnx"},
+    "aoti": {"unet": "unet.pt2", "classifier_grad": "classifier_grad.pt2"},
+    "tensorrt": {"unet": "unet.engine", "classifier_grad": "classifier_grad.engine"},
+}
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or a directory that is not a valid export."""
+
+
+class IntegrityError(ExportError):
+    """A file of an export is missing or differs from its manifest's sha256."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the state_dict (names, dtypes, shapes, bytes) in its order."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str, Any]:
+    """The respaced schedule as plain numbers: what a sampler without Python needs.
+
+    Tables are float64 (JSON round-trips them exactly) and indexed by respaced step i; a sampler
+    runs i = num_steps - 1 down to 0 and gives the networks t_model[i]."""
+    c = diffusion.coefficients()
+    tables = {
+        "t_model": diffusion.model_timesteps(),
+        "alphas_cumprod": c.alphas_cumprod,
+        "alphas_cumprod_prev": c.alphas_cumprod_prev,
+        "sqrt_recip_alphas_cumprod": c.sqrt_recip_alphas_cumprod,
+        "sqrt_recipm1_alphas_cumprod": c.sqrt_recipm1_alphas_cumprod,
+        "posterior_mean_coef1": c.posterior_mean_coef1,
+        "posterior_mean_coef2": c.posterior_mean_coef2,
+        "posterior_log_variance_clipped": c.posterior_log_variance_clipped,
+        "log_betas": c.log_betas,
+        "fixed_large_log_variance": c.fixed_large_log_variance,
+    }
+    return {
+        "diffusion": dataclasses.asdict(diffusion),
+        "num_steps": diffusion.num_steps,
+        "clip_denoised": clip_denoised,
+        "timestep_map": [int(v) for v in c.timestep_map],
+        "tables": {k: [float(v) for v in a] for k, a in tables.items()},
+    }
+
+
+def diffusion_from_schedule(schedule: dict[str, Any]) -> Diffusion:
+    return Diffusion(**schedule["diffusion"])
+
+
+def _versions() -> dict[str, str]:
+    import fastsample
+
+    versions = {
+        "fastsample": fastsample.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("onnx", "onnxscript", "onnxruntime", "tensorrt"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return versions
+
+
+def _source(module: torch.nn.Module, source: str | None) -> dict[str, Any]:
+    return {
+        "source": source,
+        "preset": module.preset,
+        "kind": type(module).__name__,
+        "config": config_to_dict(module.config),
+        "weights_sha256": weights_sha256(module),
+    }
+
+
+def _stage(out: Path, overwrite: bool) -> Path:
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            raise ExportError(f"{out} is not empty; choose another directory or overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+
+
+def _commit(staging: Path, out: Path) -> None:
+    """Move the finished staging directory to `out`, replacing what was there only now."""
+    os.chmod(staging, 0o777 & ~_umask())
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def export(
+    model: UNet,
+    diffusion: Diffusion,
+    out: str | os.PathLike,
+    *,
+    classifier: Classifier | None = None,
+    target: str = "onnx",
+    dtype: str = "fp32",
+    max_batch: int = 64,
+    guidance_scale: float | None = None,
+    model_source: str | None = None,
+    classifier_source: str | None = None,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Write an export directory (see the module doc); returns its path.
+
+    dtype sets the networks' torso precision in the graphs (GroupNorm statistics, softmax and
+    every graph input/output stay float32). diffusion is the respaced process the schedule
+    describes. device is where AOTInductor packages and TensorRT engines will run."""
+    if target not in TARGETS:
+        raise ExportError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ExportError(f"max_batch={max_batch!r}: expected a positive integer")
+    if not isinstance(model, UNet):
+        raise ExportError(f"model: expected a UNet or SuperResUNet, got {type(model).__name__}")
+    if classifier is not None and not isinstance(classifier, Classifier):
+        raise ExportError(f"classifier: expected a Classifier, got {type(classifier).__name__}")
+    if classifier is not None and classifier.config.image_size != model.config.image_size:
+        raise ExportError(
+            f"classifier of {classifier.config.image_size}x{classifier.config.image_size} images "
+            f"cannot guide a {model.config.image_size}x{model.config.image_size} model"
+        )
+    device = torch.device(device)
+    if target == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()  # refuse before any work
+    out = Path(out)
+    staging = _stage(out, overwrite)
+    try:
+        manifest = _write_graphs(
+            model,
+            diffusion,
+            staging,
+            classifier=classifier,
+            target=target,
+            dtype=dtype,
+            max_batch=max_batch,
+            guidance_scale=guidance_scale,
+            model_source=model_source,
+            classifier_source=classifier_source,
+            device=device,
+            log=log,
+        )
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _commit(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _write_graphs(
+    model,
+    diffusion,
+    staging: Path,
+    *,
+    classifier,
+    target,
+    dtype,
+    max_batch,
+    guidance_scale,
+    model_source,
+    classifier_source,
+    device,
+    log,
+) -> dict:
+    torch_dtype = DTYPES[dtype]
+    sources = {
+        "model": _source(model, model_source),
+        "classifier": _source(classifier, classifier_source) if classifier is not None else None,
+    }
+    # Graphs are made from copies: the caller's networks keep their weights and precision.
+    model = copy.deepcopy(model).set_precision(torch_dtype)
+    net = unet_graph(model)
+    graphs: dict[str, tuple[torch.nn.Module, GraphIO, int]] = {
+        "unet": (net, net.io(), model.config.num_classes or 1)
+    }
+    if classifier is not None:
+        classifier = copy.deepcopy(classifier).set_precision(torch_dtype)
+        log("tracing the classifier's input gradient")
+        grad = classifier_grad_graph(classifier)
+        graphs["classifier_grad"] = (
+            grad,
+            classifier_io(classifier),
+            classifier.config.out_channels,
+        )
+    files: dict[str, str] = {}
+    entries: dict[str, Any] = {}
+    for name, (module, io, classes) in graphs.items():
+        module = module.to(device)
+        onnx_name = GRAPH_FILES["onnx"][name]
+        if target in ("onnx", "tensorrt"):
+            from .onnx import export_onnx
+
+            log(f"exporting {onnx_name}")
+            export_onnx(module, io, staging / onnx_name, classes=classes)
+            files[onnx_name] = sha256_file(staging / onnx_name)
+        entry = {"file": GRAPH_FILES[target][name], **io.to_json()}
+        if target == "onnx":
+            entry["file"] = onnx_name
+        elif target == "aoti":
+            from .aoti import compile_package
+
+            log(f"compiling {entry['file']} with AOTInductor ({device.type})")
+            compile_package(module, io, staging / entry["file"], device, classes=classes)
+            files[entry["file"]] = sha256_file(staging / entry["file"])
+        else:
+            from .tensorrt import build_engine
+
+            log(f"building {entry['file']} with TensorRT")
+            engine_info = build_engine(
+                staging / onnx_name, io, staging / entry["file"], max_batch=max_batch
+            )
+            entry["onnx"] = onnx_name
+            entry["tensorrt"] = engine_info
+            files[entry["file"]] = sha256_file(staging / entry["file"])
+        entries[name] = entry
+    schedule = schedule_json(diffusion)
+    (staging / "schedule.json").write_text(json.dumps(schedule) + "\n")
+    files["schedule.json"] = sha256_file(staging / "schedule.json")
+    if guidance_scale is None:
+        from fastsample.config import PRESETS
+
+        preset = PRESETS.get(model.preset or "")
+        guidance_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "target": target,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "dtype": dtype,
+        "io_dtype": "float32",
+        "max_batch": max_batch,
+        "device": device.type,
+        "guidance_scale": float(guidance_scale) if classifier is not None else 0.0,
+        **sources,
+        "graphs": entries,
+        "files": files,
+    }
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    directory = Path(directory)
+    path = directory / "manifest.json"
+    if not directory.is_dir():
+        raise ExportError(f"{directory} is not a directory")
+    if not path.is_file():
+        raise ExportError(f"{directory} has no manifest.json: not a fastsample export")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a fastsample export manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this fastsample reads "
+            f"{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def check_hashes(directory: str | os.PathLike, manifest: dict[str, Any]) -> list[str]:
+    """The files whose sha256 differs from the manifest's (or that are missing)."""
+    bad = []
+    for name, digest in manifest["files"].items():
+        path = Path(directory) / name
+        if not path.is_file():
+            bad.append(f"{name}: missing")
+        elif sha256_file(path) != digest:
+            bad.append(f"{name}: sha256 differs from the manifest")
+    return bad
+
+
+def graph_io(entry: dict[str, Any]) -> GraphIO:
+    def parse(items):
+        return tuple(
+            (i["name"], i["dtype"], tuple(None if s == "batch" else int(s) for s in i["shape"]))
+            for i in items
+        )
+
+    return GraphIO(parse(entry["inputs"]), parse(entry["outputs"]))

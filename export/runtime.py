@@ -1,0 +1,182 @@
+"""Running an export directory: the UNet and the guidance gradient on ONNX Runtime, TensorRT or
+AOTInductor, behind the same `net(x, t)` / `guide(x, t)` seam as the eager networks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastsample.config import config_from_dict
+from fastsample.schedule import Diffusion
+
+from .bundle import (
+    GRAPH_FILES,
+    ExportError,
+    IntegrityError,
+    check_hashes,
+    diffusion_from_schedule,
+    graph_io,
+    read_manifest,
+    weights_sha256,
+)
+
+BACKENDS = ("eager", "onnxruntime", "tensorrt", "aoti")
+# Which export target each backend runs from.
+_TARGET_OF = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "aoti": "aoti"}
+
+
+class ExportedGraphs:
+    """An export directory loaded on one backend.
+
+    `unet(x, t[, low_res][, y])` and `classifier_grad(x, t, y)` take and return torch tensors
+    (float32 images, float32 t, int64 y) on `device`. Hashes are checked on load."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        backend: str | None = None,
+        device: str | None = None,
+        providers: list[str] | None = None,
+    ):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        bad = check_hashes(self.directory, self.manifest)
+        if bad:
+            raise IntegrityError(f"{self.directory}: {'; '.join(bad)}")
+        target = self.manifest["target"]
+        if backend is None:
+            backend = {v: k for k, v in _TARGET_OF.items()}[target]
+        if backend not in _TARGET_OF:
+            raise ExportError(f"backend {backend!r}: expected one of {', '.join(_TARGET_OF)}")
+        want = _TARGET_OF[backend]
+        # A TensorRT engine can be built from an ONNX export on the spot.
+        if want != target and not (backend == "tensorrt" and target == "onnx"):
+            raise ExportError(
+                f"{self.directory} holds a {target!r} export; backend {backend!r} needs "
+                f"--target {want}"
+            )
+        self.backend = backend
+        self.schedule = json.loads((self.directory / "schedule.json").read_text())
+        self.diffusion: Diffusion = diffusion_from_schedule(self.schedule)
+        self.config = config_from_dict(self.manifest["model"]["config"])
+        clf = self.manifest.get("classifier")
+        self.classifier_config = config_from_dict(clf["config"]) if clf else None
+        self.guidance_scale = float(self.manifest.get("guidance_scale", 0.0))
+        self.preset = self.manifest["model"].get("preset")
+        self.graphs: dict[str, Any] = {}
+        for name, entry in self.manifest["graphs"].items():
+            self.graphs[name] = self._load(name, entry, device, providers)
+        self.device = self.graphs["unet"].device
+
+    def _load(self, name: str, entry: dict, device: str | None, providers):
+        io = graph_io(entry)
+        if self.backend == "onnxruntime":
+            from .onnx import OrtGraph, choose_providers
+
+            return OrtGraph(
+                self.directory / entry["file"], io, providers or choose_providers(device=device)
+            )
+        if self.backend == "aoti":
+            from .aoti import AotiGraph
+
+            return AotiGraph(self.directory / entry["file"], io, self.manifest["device"])
+        from .tensorrt import TrtGraph, build_engine
+
+        if self.manifest["target"] == "tensorrt":
+            return TrtGraph(self.directory / entry["file"], io)
+        engine = Path(_cache_root()) / "engines" / f"{self.directory.name}-{name}.engine"
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        build_engine(
+            self.directory / entry["file"], io, engine, max_batch=int(self.manifest["max_batch"])
+        )
+        return TrtGraph(engine, io)
+
+    @property
+    def unet(self):
+        return self.graphs["unet"]
+
+    @property
+    def classifier_grad(self):
+        return self.graphs.get("classifier_grad")
+
+    @property
+    def super_res(self) -> bool:
+        return self.manifest["model"]["kind"] == "SuperResUNet"
+
+    def net_fn(self, y: torch.Tensor | None = None, low_res: torch.Tensor | None = None):
+        """net(x, t) for the samplers."""
+        extra = []
+        if self.super_res:
+            extra.append(low_res)
+        if self.config.num_classes is not None:
+            extra.append(y)
+
+        def net(x, t):
+            return self.unet(x, t.float(), *extra)
+
+        return net
+
+    def guide_fn(self, y: torch.Tensor, scale: float):
+        """guide(x, t) = scale * the exported gradient, for the samplers."""
+        if self.classifier_grad is None:
+            raise ExportError(f"{self.directory} has no classifier_grad graph")
+
+        def guide(x, t):
+            return self.classifier_grad(x, t.float(), y) * scale
+
+        return guide
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FASTSAMPLE_CACHE") or Path.home() / ".cache" / "fastsample")
+
+
+def graphs_for(
+    model,
+    classifier,
+    backend: str,
+    diffusion: Diffusion,
+    max_batch: int = 64,
+    device: str | None = None,
+) -> ExportedGraphs:
+    """Export (once, into the cache) and load the graphs of eager networks for a backend."""
+    if backend not in _TARGET_OF:
+        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    from .bundle import DTYPES, export
+
+    dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
+    target = "onnx" if backend in ("onnxruntime", "tensorrt") else "aoti"
+    aoti_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key_parts = [
+        weights_sha256(model),
+        json.dumps(model.preset),
+        dtype,
+        target,
+        torch.__version__,
+        weights_sha256(classifier) if classifier is not None else "-",
+        aoti_device if target == "aoti" else "-",
+    ]
+    key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
+    out = _cache_root() / "exports" / key
+    if not (out / "manifest.json").is_file():
+        export(
+            model,
+            diffusion,
+            out,
+            classifier=classifier,
+            target=target,
+            dtype=dtype,
+            max_batch=max_batch,
+            device=aoti_device,
+            overwrite=True,
+        )
+    return ExportedGraphs(out, backend=backend, device=device)
+
+
+def graph_files(target: str) -> dict[str, str]:
+    return dict(GRAPH_FILES[target])

@@ -4,10 +4,10 @@
   variance interpolation values). t is float32, as the network's timestep embedding reads it.
 - `classifier_grad_graph`: (x_t, t, y) -> grad_x log p(y | x_t), unscaled. `torch.export` and
   the ONNX exporters cannot trace `torch.autograd.grad`, so the input gradient is first traced
-  into a plain forward graph with `make_fx` (symbolic shapes, core ATen decompositions, weights
-  passed explicitly and frozen), with decompositions for the two backward ops that no exporter
-  lowers (a convolution's input gradient becomes a transposed convolution, an average pool's a
-  broadcast). The result is an ordinary module that `torch.export` takes like any other.
+  into a plain forward graph with `make_fx` (a symbolic batch dimension, core ATen
+  decompositions, weights passed explicitly and frozen), with decompositions for the two
+  backward ops that no exporter lowers (a convolution's input gradient becomes a transposed
+  convolution, an average pool's a broadcast). The result is an ordinary module that `torch.export` takes like any other.
 
 Both modules keep the networks' precision: a float16/bfloat16 torso stays in that dtype while
 GroupNorm statistics and softmax stay in float32, and every graph input and output is float32
@@ -244,7 +244,13 @@ def classifier_io(classifier: Classifier) -> GraphIO:
 
 def classifier_grad_graph(classifier: Classifier) -> ClassifierGradGraph:
     """Trace the classifier's input gradient into a forward-only module (see the module doc)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
 
     classifier = classifier.eval()
     named = list(classifier.named_parameters()) + list(classifier.named_buffers())
@@ -262,12 +268,22 @@ def classifier_grad_graph(classifier: Classifier) -> ClassifierGradGraph:
         return grad
 
     io = classifier_io(classifier)
-    x, t, y = io.example(EXAMPLE_BATCH, classes=classifier.config.out_channels)
+    example = io.example(EXAMPLE_BATCH, classes=classifier.config.out_channels)
     device = weights[0].device
-    x, t, y = x.to(device), t.to(device), y.to(device)
-    traced = make_fx(grad_fn, tracing_mode="symbolic", decomposition_table=_decompositions())(
-        x, t, y, *weights
-    )
+    # Only the batch is symbolic: fixed image sizes keep the trace small and fast.
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+
+    def fake(tensor: torch.Tensor, batch_dynamic: bool):
+        sizes = [
+            DimDynamic.DYNAMIC if (i == 0 and batch_dynamic) else DimDynamic.STATIC
+            for i in range(tensor.dim())
+        ]
+        return mode.from_tensor(
+            tensor, symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes)
+        )
+
+    args = [fake(a.to(device), True) for a in example] + [fake(w, False) for w in weights]
+    traced = make_fx(grad_fn, tracing_mode="symbolic", decomposition_table=_decompositions())(*args)
     return ClassifierGradGraph(traced, weights, io)
 
 

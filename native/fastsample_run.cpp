@@ -1,0 +1,261 @@
+// fastsample-run: classifier-guided DDIM sampling from a `fastsample export --target aoti`
+// directory, without Python.
+//
+//   fastsample-run EXPORT_DIR --out images.npy [--noise noise.npy | --seed N --batch B]
+//                  [--labels 1,2,3 | --labels-npy y.npy] [--scale S] [--eta E] [--raw x.npy]
+//
+// The loop is the one fastsample's Python DDIM sampler runs (Song et al. eq. 12; guidance as in
+// Dhariwal & Nichol's Algorithm 2): the same float32 tables, gathered from schedule.json's
+// float64 values, and the same operation order, so that given the same noise the two agree to
+// the graphs' rounding. images.npy holds [B, H, W, C] uint8 (truncated like the reference);
+// --raw also writes the float32 samples [B, C, H, W].
+
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "json.h"
+#include "npy.h"
+
+namespace fs = fastsample;
+
+namespace {
+
+struct Args {
+  std::string dir, out, noise, raw, labels, labels_npy;
+  int64_t seed = -1, batch = 0;
+  double scale = -1.0, eta = 0.0;
+};
+
+[[noreturn]] void usage_error(const std::string& message) {
+  throw std::invalid_argument(message);
+}
+
+Args parse_args(int argc, char** argv) {
+  Args a;
+  std::vector<std::string> rest(argv + 1, argv + argc);
+  for (size_t i = 0; i < rest.size(); ++i) {
+    const std::string& k = rest[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= rest.size()) usage_error(k + " needs a value");
+      return rest[++i];
+    };
+    auto number = [&]() -> double {
+      std::string v = next();
+      size_t used = 0;
+      double d = 0;
+      try {
+        d = std::stod(v, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != v.size()) usage_error(k + " " + v + ": expected a number");
+      return d;
+    };
+    if (k == "--out") a.out = next();
+    else if (k == "--noise") a.noise = next();
+    else if (k == "--raw") a.raw = next();
+    else if (k == "--labels") a.labels = next();
+    else if (k == "--labels-npy") a.labels_npy = next();
+    else if (k == "--seed") a.seed = static_cast<int64_t>(number());
+    else if (k == "--batch") a.batch = static_cast<int64_t>(number());
+    else if (k == "--scale") a.scale = number();
+    else if (k == "--eta") a.eta = number();
+    else if (k == "-h" || k == "--help") {
+      std::cout << "usage: fastsample-run EXPORT_DIR --out images.npy [--noise noise.npy | "
+                   "--seed N --batch B] [--labels 1,2,3 | --labels-npy y.npy] [--scale S] "
+                   "[--eta E] [--raw samples.npy]\n";
+      std::exit(0);
+    } else if (!k.empty() && k[0] == '-') usage_error("unknown option " + k);
+    else if (a.dir.empty()) a.dir = k;
+    else usage_error("unexpected argument " + k);
+  }
+  if (a.dir.empty()) usage_error("EXPORT_DIR is required");
+  if (a.out.empty()) usage_error("--out is required");
+  if (a.noise.empty() == (a.seed < 0)) usage_error("give --noise FILE or --seed N (one of them)");
+  if (a.seed >= 0 && a.batch < 1) usage_error("--seed needs --batch B (B >= 1)");
+  if (a.eta < 0) usage_error("--eta " + std::to_string(a.eta) + ": expected >= 0");
+  return a;
+}
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error(path + ": cannot open");
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+// A float64 JSON table as the float32 tensor Python's sampler gathers.
+torch::Tensor table(const fs::json::Value& tables, const std::string& name) {
+  std::vector<double> v = tables.at(name).as_numbers();
+  return torch::tensor(v, torch::kFloat64).to(torch::kFloat32);
+}
+
+struct Graph {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  std::vector<std::string> inputs;
+  torch::Tensor operator()(const std::vector<torch::Tensor>& args) {
+    auto out = loader->run(args);
+    return out.at(0);
+  }
+};
+
+Graph load_graph(const std::string& dir, const fs::json::Value& entry) {
+  Graph g;
+  for (const auto& input : entry.at("inputs").array) g.inputs.push_back(input.at("name").as_string());
+  g.loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(dir + "/" + entry.at("file").as_string());
+  return g;
+}
+
+int run(const Args& a) {
+  torch::NoGradGuard no_grad;
+  const fs::json::Value manifest = fs::json::parse(read_text(a.dir + "/manifest.json"));
+  if (manifest.at("target").as_string() != "aoti")
+    usage_error(a.dir + " holds a '" + manifest.at("target").as_string() +
+                "' export; fastsample-run needs --target aoti");
+  if (manifest.at("device").as_string() != "cpu" && !torch::cuda::is_available())
+    usage_error(a.dir + " was compiled for " + manifest.at("device").as_string() + "; no such device here");
+  torch::Device device(manifest.at("device").as_string() == "cpu" ? torch::kCPU : torch::kCUDA);
+  const fs::json::Value schedule = fs::json::parse(read_text(a.dir + "/schedule.json"));
+  const auto& diffusion = schedule.at("diffusion");
+  const bool learn_sigma = diffusion.at("learn_sigma").as_bool();
+  const bool predict_xstart = diffusion.at("predict_xstart").as_bool();
+  const bool clip = schedule.at("clip_denoised").as_bool();
+  const auto& tables = schedule.at("tables");
+  const int64_t n = static_cast<int64_t>(schedule.at("num_steps").as_number());
+
+  const auto& graphs = manifest.at("graphs");
+  Graph unet = load_graph(a.dir, graphs.at("unet"));
+  const bool guided_export = graphs.has("classifier_grad");
+  Graph grad;
+  if (guided_export) grad = load_graph(a.dir, graphs.at("classifier_grad"));
+  const double scale = a.scale >= 0 ? a.scale : manifest.at("guidance_scale").as_number();
+  const bool guided = guided_export && scale != 0.0;
+  if (a.scale > 0 && !guided_export) usage_error("--scale: this export has no classifier_grad graph");
+
+  const auto& x_shape = graphs.at("unet").at("inputs").array.at(0).at("shape").array;
+  const int64_t C = static_cast<int64_t>(x_shape.at(1).as_number());
+  const int64_t H = static_cast<int64_t>(x_shape.at(2).as_number());
+  const int64_t W = static_cast<int64_t>(x_shape.at(3).as_number());
+
+  // Noise: x_T then one draw per step, as Python's sample(noise=...) takes it.
+  torch::Tensor noise;
+  int64_t B = a.batch;
+  if (!a.noise.empty()) {
+    noise = fs::npy::read(a.noise);
+    if (noise.scalar_type() != torch::kFloat32 || noise.dim() != 5 || noise.size(0) < 1 ||
+        noise.size(2) != C || noise.size(3) != H || noise.size(4) != W)
+      usage_error(a.noise + ": expected float32 noise of shape [steps + 1 or 1, B, " + std::to_string(C) +
+                  ", " + std::to_string(H) + ", " + std::to_string(W) + "]");
+    if (noise.size(0) != n + 1 && !(noise.size(0) == 1 && a.eta == 0.0))
+      usage_error(a.noise + ": expected " + std::to_string(n + 1) + " draws (x_T and one per step)");
+    B = noise.size(1);
+  } else {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(a.seed));
+    noise = torch::randn({a.eta == 0.0 ? 1 : n + 1, B, C, H, W}, gen);
+  }
+  noise = noise.to(device);
+
+  // Labels: for a class-conditional model and for the classifier.
+  const bool needs_y = std::find(unet.inputs.begin(), unet.inputs.end(), "y") != unet.inputs.end() || guided;
+  torch::Tensor y;
+  if (needs_y) {
+    int64_t classes = 0;
+    const auto& clf = manifest.at("classifier");
+    if (clf.kind == fs::json::Value::Kind::Object)
+      classes = static_cast<int64_t>(clf.at("config").at("config").at("out_channels").as_number());
+    const auto& mcfg = manifest.at("model").at("config").at("config");
+    if (mcfg.has("num_classes") && mcfg.at("num_classes").kind == fs::json::Value::Kind::Number)
+      classes = static_cast<int64_t>(mcfg.at("num_classes").as_number());
+    std::vector<int64_t> labels;
+    if (!a.labels_npy.empty()) {
+      torch::Tensor t = fs::npy::read(a.labels_npy);
+      if (t.scalar_type() != torch::kInt64 || t.dim() != 1) usage_error(a.labels_npy + ": expected int64 labels [B]");
+      labels.assign(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
+    } else if (!a.labels.empty()) {
+      std::stringstream s(a.labels);
+      std::string part;
+      std::vector<int64_t> wanted;
+      while (std::getline(s, part, ',')) {
+        try {
+          wanted.push_back(std::stoll(part));
+        } catch (const std::exception&) {
+          usage_error("--labels " + a.labels + ": expected comma-separated integers");
+        }
+      }
+      for (int64_t b = 0; b < B; ++b) labels.push_back(wanted.at(static_cast<size_t>(b) % wanted.size()));
+    } else {
+      for (int64_t b = 0; b < B; ++b) labels.push_back(b % classes);
+    }
+    if (static_cast<int64_t>(labels.size()) != B)
+      usage_error(std::to_string(labels.size()) + " labels for a batch of " + std::to_string(B));
+    for (int64_t l : labels)
+      if (l < 0 || l >= classes)
+        usage_error("class label " + std::to_string(l) + ": expected 0.." + std::to_string(classes - 1));
+    y = torch::tensor(labels, torch::kInt64).to(device);
+  }
+
+  // The float32 tables of fastsample.sampler.step_tables and ddim_loop.
+  auto f32 = [&](const char* name) { return table(tables, name).to(device); };
+  torch::Tensor t_model = f32("t_model");
+  torch::Tensor sqrt_recip_ac = f32("sqrt_recip_alphas_cumprod");
+  torch::Tensor sqrt_recipm1_ac = f32("sqrt_recipm1_alphas_cumprod");
+  torch::Tensor ac = f32("alphas_cumprod");
+  torch::Tensor ac_prev = f32("alphas_cumprod_prev");
+  torch::Tensor sqrt_one_minus_ac = (1 - ac).sqrt();
+  torch::Tensor sigma = a.eta * torch::sqrt((1 - ac_prev) / (1 - ac)) * torch::sqrt(1 - ac / ac_prev);
+  torch::Tensor sqrt_ac_prev = torch::sqrt(ac_prev);
+  torch::Tensor dir_coef = torch::sqrt((1 - ac_prev - sigma.pow(2)).clamp_min(0));
+
+  torch::Tensor x = noise[0];
+  for (int64_t k = 1; k <= n; ++k) {
+    const int64_t i = n - k;
+    torch::Tensor t = t_model[i].expand({B}).contiguous();
+    std::vector<torch::Tensor> args{x, t};
+    for (size_t j = 2; j < unet.inputs.size(); ++j) {
+      if (unet.inputs[j] == "y") args.push_back(y);
+      else usage_error("the UNet graph takes '" + unet.inputs[j] + "': fastsample-run samples base models only");
+    }
+    torch::Tensor out = unet(args);
+    torch::Tensor eps_out = learn_sigma ? out.narrow(1, 0, C) : out;
+    torch::Tensor x0 = predict_xstart ? eps_out : sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps_out;
+    if (clip) x0 = x0.clamp(-1, 1);
+    if (guided) {
+      torch::Tensor g = grad({x, t, y}) * scale;
+      torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i] - sqrt_one_minus_ac[i] * g;
+      x0 = sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps;
+    }
+    torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i];
+    x = x0 * sqrt_ac_prev[i] + dir_coef[i] * eps;
+    if (i > 0 && a.eta != 0.0) x = x + sigma[i] * noise[k];
+  }
+  torch::Tensor images = ((x + 1) * 127.5).clamp(0, 255).to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
+  fs::npy::write(a.out, images);
+  if (!a.raw.empty()) fs::npy::write(a.raw, x.to(torch::kCPU));
+  std::cout << "wrote " << B << " images to " << a.out << " (" << n << " DDIM steps"
+            << (guided ? ", guidance scale " + std::to_string(scale) : std::string()) << ")\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const std::invalid_argument& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+}

@@ -7,7 +7,8 @@
   into a plain forward graph with `make_fx` (a symbolic batch dimension, core ATen
   decompositions, weights passed explicitly and frozen), with decompositions for the two
   backward ops that no exporter lowers (a convolution's input gradient becomes a transposed
-  convolution, an average pool's a broadcast). The result is an ordinary module that `torch.export` takes like any other.
+  convolution, an average pool's a broadcast). The result is an ordinary module that
+  `torch.export` takes like any other.
 
 Both modules keep the networks' precision: a float16/bfloat16 torso stays in that dtype while
 GroupNorm statistics and softmax stay in float32, and every graph input and output is float32

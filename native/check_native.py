@@ -32,10 +32,11 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=2.0)
     args = parser.parse_args()
 
+    from fastsample.export import export, load
+
     from fastsample import sample
     from fastsample.checkpoint import load_model
     from fastsample.config import DEMO_UNET, PRESETS
-    from fastsample.export import export, load
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work)
@@ -98,7 +99,9 @@ def main() -> int:
     err_eager = rel(native, eager)
     want_images = to_uint8(python).numpy()
     pixel_diff = np.abs(images.astype(int) - want_images.astype(int))
-    print(f"native vs Python sampler (same AOTInductor graphs): max error {err_python:.3e} of scale")
+    print(
+        f"native vs Python sampler (same AOTInductor graphs): max error {err_python:.3e} of scale"
+    )
     print(f"native vs eager PyTorch: max error {err_eager:.3e} of scale")
     print(
         f"uint8 images: shape {images.shape}, {np.mean(pixel_diff == 0) * 100:.3f}% identical, "

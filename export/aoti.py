@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .bundle import BackendUnavailable
 from .graphs import GraphIO, export_program
 
 
@@ -33,7 +34,7 @@ class AotiGraph:
         self.io = io
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"{self.path.name} was compiled for CUDA; no CUDA device here")
+            raise BackendUnavailable(f"{self.path.name} was compiled for CUDA; no CUDA device here")
         self.runner = torch._inductor.aoti_load_package(str(self.path))
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,10 @@ class ExportError(ValueError):
     """An export that cannot be made or a directory that is not a valid export."""
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend or target whose package or device is missing here."""
+
+
 class IntegrityError(ExportError):
     """A file of an export is missing or differs from its manifest's sha256."""
 
@@ -244,13 +248,15 @@ def _write_graphs(
         "classifier": _source(classifier, classifier_source) if classifier is not None else None,
     }
     # Graphs are made from copies: the caller's networks keep their weights and precision.
-    model = copy.deepcopy(model).set_precision(torch_dtype)
+    # Graphs are traced on the device they will run on (ONNX and TensorRT graphs: the CPU).
+    trace_device = device if target == "aoti" else torch.device("cpu")
+    model = copy.deepcopy(model).to(trace_device).set_precision(torch_dtype)
     net = unet_graph(model)
     graphs: dict[str, tuple[torch.nn.Module, GraphIO, int]] = {
         "unet": (net, net.io(), model.config.num_classes or 1)
     }
     if classifier is not None:
-        classifier = copy.deepcopy(classifier).set_precision(torch_dtype)
+        classifier = copy.deepcopy(classifier).to(trace_device).set_precision(torch_dtype)
         log("tracing the classifier's input gradient")
         grad = classifier_grad_graph(classifier)
         graphs["classifier_grad"] = (
@@ -261,13 +267,14 @@ def _write_graphs(
     files: dict[str, str] = {}
     entries: dict[str, Any] = {}
     for name, (module, io, classes) in graphs.items():
-        module = module.to(device)
+        module = module.to(trace_device)
         onnx_name = GRAPH_FILES["onnx"][name]
         if target in ("onnx", "tensorrt"):
-            from .onnx import export_onnx
+            from .onnx import OPSET, OPSET_BF16, export_onnx
 
             log(f"exporting {onnx_name}")
-            export_onnx(module, io, staging / onnx_name, classes=classes)
+            opset = OPSET_BF16 if dtype == "bf16" else OPSET
+            export_onnx(module, io, staging / onnx_name, classes=classes, opset=opset)
             files[onnx_name] = sha256_file(staging / onnx_name)
         entry = {"file": GRAPH_FILES[target][name], **io.to_json()}
         if target == "onnx":

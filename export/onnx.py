@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
+from .bundle import BackendUnavailable
 from .graphs import GraphIO, export_program
 
 OPSET = 21  # the first opset with a native GroupNormalization node
+# ONNX's Conv, ConvTranspose and AveragePool take bfloat16 from opset 22 on.
+OPSET_BF16 = 22
 
 # Execution providers in order of preference; the first installed one wins.
 PROVIDER_ORDER = (
@@ -29,7 +32,7 @@ def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError as e:
-        raise RuntimeError(
+        raise BackendUnavailable(
             "the onnxruntime backend needs ONNX Runtime: pip install 'fastsample[onnx]' "
             "(or 'fastsample[onnx-gpu]' for CUDA)"
         ) from e
@@ -37,14 +40,18 @@ def require_onnxruntime():
 
 
 def export_onnx(
-    module: torch.nn.Module, io: GraphIO, path: str | os.PathLike, classes: int = 1
+    module: torch.nn.Module,
+    io: GraphIO,
+    path: str | os.PathLike,
+    classes: int = 1,
+    opset: int = OPSET,
 ) -> None:
     """Export `module` (inputs and outputs as `io` names them) to one self-contained .onnx file."""
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
-        raise RuntimeError(
+        raise BackendUnavailable(
             "ONNX export needs onnx and onnxscript: pip install 'fastsample[export]'"
         ) from e
     program = export_program(module, io, classes=classes)
@@ -59,7 +66,7 @@ def export_onnx(
                 program,
                 args,
                 dynamo=True,
-                opset_version=OPSET,
+                opset_version=opset,
                 input_names=io.input_names,
                 output_names=io.output_names,
                 verbose=False,
@@ -82,7 +89,7 @@ def choose_providers(available: list[str] | None = None, device: str | None = No
     if device is not None and device.startswith("cuda"):
         gpu = [p for p in ordered if p != "CPUExecutionProvider"]
         if not gpu:
-            raise RuntimeError(
+            raise BackendUnavailable(
                 f"no CUDA execution provider in ONNX Runtime (installed: {', '.join(available)}): "
                 "pip install 'fastsample[onnx-gpu]'"
             )
@@ -109,7 +116,15 @@ class OrtGraph:
         if threads:
             options.intra_op_num_threads = threads
         providers = providers or choose_providers()
-        self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as e:  # ONNX Runtime raises its own exception types
+            if "NOT_IMPLEMENTED" not in str(e):
+                raise
+            raise BackendUnavailable(
+                f"ONNX Runtime ({', '.join(providers)}) cannot run {self.path.name}: "
+                f"{str(e).split(':')[-1].strip()} (bf16 graphs need TensorRT or a CUDA provider)"
+            ) from None
         self.providers = self.session.get_providers()
         gpu = self.providers[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
         self.device = (

@@ -15,7 +15,6 @@ from fastsample.config import config_from_dict
 from fastsample.schedule import Diffusion
 
 from .bundle import (
-    GRAPH_FILES,
     ExportError,
     IntegrityError,
     check_hashes,
@@ -132,6 +131,18 @@ class ExportedGraphs:
         return guide
 
 
+def require_backend(backend: str) -> None:
+    """Refuse at once (BackendUnavailable) where a backend's package or device is missing."""
+    if backend == "onnxruntime":
+        from .onnx import require_onnxruntime
+
+        require_onnxruntime()
+    elif backend == "tensorrt":
+        from .tensorrt import require_tensorrt
+
+        require_tensorrt()
+
+
 def _cache_root() -> Path:
     return Path(os.environ.get("FASTSAMPLE_CACHE") or Path.home() / ".cache" / "fastsample")
 
@@ -149,6 +160,7 @@ def graphs_for(
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     from .bundle import DTYPES, export
 
+    require_backend(backend)
     dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
     target = "onnx" if backend in ("onnxruntime", "tensorrt") else "aoti"
     aoti_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +188,3 @@ def graphs_for(
             overwrite=True,
         )
     return ExportedGraphs(out, backend=backend, device=device)
-
-
-def graph_files(target: str) -> dict[str, str]:
-    return dict(GRAPH_FILES[target])

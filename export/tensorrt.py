@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .bundle import BackendUnavailable
 from .graphs import GraphIO
 
 # Ops of the exported UNet and gradient graphs, all in TensorRT's ONNX parser's support matrix.
@@ -37,12 +38,12 @@ def require_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise RuntimeError(
+        raise BackendUnavailable(
             "TensorRT is not installed: the tensorrt target and backend need NVIDIA's tensorrt "
             "Python package and a CUDA GPU (use --target onnx or aoti here)"
         ) from None
     if not torch.cuda.is_available():
-        raise RuntimeError("TensorRT needs a CUDA GPU, and torch sees none here")
+        raise BackendUnavailable("TensorRT needs a CUDA GPU, and torch sees none here")
     return tensorrt
 
 

@@ -26,6 +26,13 @@ def _one_line_errors(fn):
         except (ValueError, TypeError, CheckpointError, FileNotFoundError, FileExistsError) as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except RuntimeError as e:
+            from .export.bundle import BackendUnavailable
+
+            if not isinstance(e, BackendUnavailable):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
         finally:
             warnings.showwarning = previous
 
@@ -342,7 +349,8 @@ Examples:
     type=click.Choice(list(_DTYPES)),
     default="fp32",
     show_default=True,
-    help="Torso precision of the graphs (GroupNorm statistics and softmax stay fp32).",
+    help="Torso precision of the graphs (GroupNorm statistics and softmax stay fp32; bf16 "
+    "graphs use ONNX opset 22, for TensorRT or CUDA).",
 )
 @click.option(
     "--max-batch",
@@ -389,10 +397,7 @@ def export_cmd(
     if target == "tensorrt":
         from .export.tensorrt import require_tensorrt
 
-        try:
-            require_tensorrt()
-        except RuntimeError as e:
-            raise ValueError(str(e)) from None
+        require_tensorrt()  # refuse before loading anything
     pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
     diffusion = pipe.diffusion.respaced(steps)
     clf = pipe.classifier

@@ -383,10 +383,11 @@ class Pipeline:
         guidance_scale: float | None = None,
         backend: str = "eager",
     ):
-        from fastsample.export.runtime import BACKENDS
+        from fastsample.export.runtime import BACKENDS, require_backend
 
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        require_backend(backend)
         if not isinstance(model, UNet):
             raise TypeError(f"model: expected a UNet or SuperResUNet, got {type(model).__name__}")
         if classifier is not None and not isinstance(classifier, Classifier):

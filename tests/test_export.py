@@ -302,6 +302,39 @@ def test_sample_exports_eager_networks_into_the_cache(golden, tmp_path, monkeypa
     assert list((tmp_path / "cache" / "exports").iterdir()) == exports
 
 
+def test_sample_cli_backend_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTSAMPLE_CACHE", str(tmp_path / "cache"))
+    runner = CliRunner()
+    base = [
+        "sample",
+        "--model",
+        str(tiny_checkpoints["model"]),
+        "--classifier",
+        str(tiny_checkpoints["classifier"]),
+        "--num-samples",
+        "3",
+        "--batch-size",
+        "2",
+        "--classes",
+        "1,4",
+        "--quiet",
+    ]
+    eager = runner.invoke(main, [*base, "--out", str(tmp_path / "eager")])
+    assert eager.exit_code == 0, eager.output
+    onnx_run = runner.invoke(
+        main, [*base, "--backend", "onnxruntime", "--out", str(tmp_path / "ort")]
+    )
+    assert onnx_run.exit_code == 0, onnx_run.output
+    with (
+        np.load(tmp_path / "eager" / "samples.npz") as a,
+        np.load(tmp_path / "ort" / "samples.npz") as b,
+    ):
+        assert np.array_equal(a["arr_1"], b["arr_1"])
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+    assert len(list((tmp_path / "cache" / "exports").iterdir())) == 1
+
+
 def test_upsampler_and_unconditional_graphs(golden, tmp_path):
     config, g = golden
     sr = SuperResUNet(**config["sr"])
@@ -354,6 +387,30 @@ def test_fp16_graph_keeps_norm_and_softmax_in_fp32(golden, tmp_path):
     assert rel_err(got, want16) < 2e-2
     assert rel_err(got, want32) < 2e-2
     assert rel_err(got, want32) > 1e-6  # it really ran in fp16
+
+
+def test_bf16_graph(golden, tmp_path):
+    from fastsample.export.bundle import BackendUnavailable
+
+    config, g = golden
+    unet = UNet(**config["unet_a"])
+    unet.load_state_dict(g["unet_a_state_dict"])
+    out = export(unet, Diffusion(timestep_respacing="ddim4"), tmp_path / "bf16", dtype="bf16")
+    model = onnx.load(str(out / "unet.onnx"))
+    # bfloat16 convolutions exist in ONNX from opset 22 on.
+    assert {o.domain or "ai.onnx": o.version for o in model.opset_import}["ai.onnx"] == 22
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    conv_types = [inits.get(n.input[1]) for n in model.graph.node if n.op_type == "Conv"]
+    assert conv_types.count(onnx.TensorProto.BFLOAT16) >= len(conv_types) - 2
+    try:
+        graphs = load(out)
+    except BackendUnavailable as e:  # ONNX Runtime's CPU provider has no bfloat16 Conv
+        assert "unet.onnx" in str(e) and "bf16" in str(e)
+    else:
+        x, t, y = graphs.unet.io.example(2, torch.Generator().manual_seed(0), classes=10)
+        with torch.no_grad():
+            want = unet(x, t, y)
+        assert rel_err(graphs.unet(x, t, y), want) < 1e-1  # 8-bit mantissa, see verify.py
 
 
 def test_load_refuses_a_tampered_export(demo_export, tmp_path):
@@ -468,6 +525,11 @@ def test_export_cli_refuses_tensorrt_without_it(tmp_path):
     assert result.exit_code == 2
     assert reason in result.output
     assert not (tmp_path / "t").exists()
+    result = CliRunner().invoke(
+        main, ["sample", "--backend", "tensorrt", "--out", str(tmp_path / "s"), "--quiet"]
+    )
+    assert result.exit_code == 2 and reason in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "s").exists()
 
 
 def test_sample_cli_runs_an_export(demo_export, tmp_path):

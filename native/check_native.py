@@ -107,8 +107,82 @@ def main() -> int:
         f"uint8 images: shape {images.shape}, {np.mean(pixel_diff == 0) * 100:.3f}% identical, "
         f"largest difference {pixel_diff.max()}"
     )
+    # --seed draws its own noise: deterministic, well-formed images.
+    seeded = []
+    for name in ("seed_a.npy", "seed_b.npy"):
+        run = subprocess.run(
+            [
+                args.runner,
+                str(out),
+                "--seed",
+                "3",
+                "--batch",
+                "2",
+                "--labels",
+                "7",
+                "--out",
+                str(work / name),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        print(run.stdout + run.stderr, end="")
+        seeded.append(np.load(work / name) if run.returncode == 0 else None)
+    seeded_ok = (
+        seeded[0] is not None
+        and seeded[1] is not None
+        and seeded[0].shape == (2, 32, 32, 1)
+        and np.array_equal(seeded[0], seeded[1])
+        and seeded[0].std() > 10  # not a constant image
+    )
+    print(f"--seed runs: {'deterministic' if seeded_ok else 'FAILED'}")
+    # Bad input: one line on stderr, exit code 2, no output file.
+    bad_cases = [
+        ([str(out), "--seed", "1"], "--batch"),
+        (
+            [str(out), "--noise", str(work / "labels.npy"), "--out", str(work / "bad.npy")],
+            "expected float32 noise",
+        ),
+        (
+            [
+                str(out),
+                "--seed",
+                "1",
+                "--batch",
+                "2",
+                "--labels",
+                "12",
+                "--out",
+                str(work / "bad.npy"),
+            ],
+            "class label 12",
+        ),
+        (
+            [str(out), "--seed", "x", "--batch", "2", "--out", str(work / "bad.npy")],
+            "expected a number",
+        ),
+        (
+            [str(work), "--seed", "1", "--batch", "1", "--out", str(work / "bad.npy")],
+            "manifest.json",
+        ),
+    ]
+    errors_ok = True
+    for argv, needle in bad_cases:
+        run = subprocess.run([args.runner, *argv], capture_output=True, text=True)
+        good = (
+            run.returncode in (1, 2)
+            and needle in run.stderr
+            and len(run.stderr.strip().splitlines()) == 1
+            and not (work / "bad.npy").exists()
+        )
+        if not good:
+            print(f"bad input {argv}: rc={run.returncode}, stderr={run.stderr!r}")
+        errors_ok &= good
+    print(f"bad input: {'one-line errors' if errors_ok else 'FAILED'}")
     ok = (
-        images.shape == want_images.shape
+        seeded_ok
+        and errors_ok
+        and images.shape == want_images.shape
         and err_python <= TOL_SAME_GRAPHS
         and err_eager <= TOL_EAGER
         and pixel_diff.max() <= 1

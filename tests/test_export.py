@@ -608,3 +608,22 @@ def test_tensorrt_guided_ddim_matches_eager(demo, tmp_path, monkeypatch):
     eager = sample(model, d, (4, 1, 32, 32), classifier=clf, **common)
     got = sample(graphs, d, (4, 1, 32, 32), backend="tensorrt", **common)
     assert rel_err(got, eager) < 1e-3  # TF32 tactics are allowed by TensorRT's defaults
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_aoti_cuda_guided_ddim_matches_eager(tmp_path):
+    model = load_model(DEMO_UNET, device="cuda")
+    clf = load_model(DEMO_CLASSIFIER, device="cuda")
+    d = PRESETS[DEMO_UNET].diffusion.respaced("ddim10")
+    out = export(model, d, tmp_path / "aoti", classifier=clf, target="aoti", device="cuda")
+    assert read_manifest(out)["device"] == "cuda"
+    graphs = load(out)
+    assert graphs.device.type == "cuda"
+    y = torch.tensor([0, 3, 7, 9], device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, device="cuda", generator=gen)
+    common = dict(y=y, sampler="ddim", guidance_scale=2.0, noise=noise)
+    eager = sample(model, d, (4, 1, 32, 32), classifier=clf, **common)
+    got = sample(graphs, d, (4, 1, 32, 32), backend="aoti", **common)
+    assert rel_err(got, eager) < 1e-3  # cuDNN / Triton kernel choices may use TF32

@@ -250,13 +250,19 @@ def _write_graphs(
     # Graphs are made from copies: the caller's networks keep their weights and precision.
     # Graphs are traced on the device they will run on (ONNX and TensorRT graphs: the CPU).
     trace_device = device if target == "aoti" else torch.device("cpu")
-    model = copy.deepcopy(model).to(trace_device).set_precision(torch_dtype)
+    # Exported graphs use the plain-torch ops (no Triton kernels inside ONNX or AOTI graphs).
+    model = copy.deepcopy(model).to(trace_device).set_precision(torch_dtype).set_backend("torch")
     net = unet_graph(model)
     graphs: dict[str, tuple[torch.nn.Module, GraphIO, int]] = {
         "unet": (net, net.io(), model.config.num_classes or 1)
     }
     if classifier is not None:
-        classifier = copy.deepcopy(classifier).to(trace_device).set_precision(torch_dtype)
+        classifier = (
+            copy.deepcopy(classifier)
+            .to(trace_device)
+            .set_precision(torch_dtype)
+            .set_backend("torch")
+        )
         log("tracing the classifier's input gradient")
         grad = classifier_grad_graph(classifier)
         graphs["classifier_grad"] = (

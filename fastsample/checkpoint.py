@@ -53,17 +53,21 @@ def create_model(
     preset: str | NetworkConfig,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> _Network:
     """Build a preset (by stem, e.g. "256x256_diffusion") or a config with random weights.
 
     dtype None runs the torso as the README does (float16 where the preset's use_fp16 is set);
     torch.float32 / float16 / bfloat16 choose explicitly. `device="meta"` allocates nothing.
+    backend: "auto" (triton kernels on CUDA where Triton is installed, else torch), "torch" or
+    "triton" (see fastsample.ops).
     """
     config, name = _resolve(preset)
     with torch.device(device):
         model = network_class(config)(config)
     model.preset = name
     model.set_precision(dtype if dtype is not None else model.dtype)
+    model.set_backend(backend)
     return model.eval().requires_grad_(False)
 
 
@@ -203,12 +207,13 @@ def load_model(
     preset: str | NetworkConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    backend: str = "auto",
 ) -> _Network:
     """Load a released (or fastsample-saved) checkpoint strictly, in eval mode. `path` may also
     name a preset whose weights ship with fastsample ("demo-mnist", "demo-mnist-classifier").
 
     dtype None runs the torso as the README does (float16 where use_fp16 is set); float32,
-    float16 or bfloat16 choose explicitly.
+    float16 or bfloat16 choose explicitly. backend: as for create_model.
     """
     path = Path(path)
     if not path.exists() and str(path) in PRESETS and PRESETS[str(path)].weights:
@@ -246,6 +251,7 @@ def load_model(
     model.set_precision(
         dtype if dtype is not None else (torch.float16 if config.use_fp16 else torch.float32)
     )
+    model.set_backend(backend)
     return model.eval().requires_grad_(False)
 
 

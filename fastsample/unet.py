@@ -65,11 +65,33 @@ def _zero(module: nn.Module) -> nn.Module:
 class GroupNorm32(nn.GroupNorm):
     """32-group GroupNorm computed in float32 (see ops.group_norm)."""
 
+    backend = "torch"  # set per instance by _Network.set_backend
+
     def __init__(self, channels: int):
         super().__init__(32, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.fused(x)
+
+    def fused(
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+        silu: bool = False,
+    ) -> torch.Tensor:
+        """This norm, then `* (1 + scale) + shift` ([N, C]) and SiLU: one kernel on triton."""
+        return ops.group_norm(
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            scale=scale,
+            shift=shift,
+            silu=silu,
+            backend=self.backend,
+        )
 
 
 class TimestepBlock(nn.Module):
@@ -173,44 +195,29 @@ class ResBlock(TimestepBlock):
             self.skip_connection = _conv(dims, channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # in_layers = GroupNorm, SiLU, conv; out_layers = GroupNorm, SiLU, dropout, conv. Each
+        # GroupNorm + (scale-shift) + SiLU is one fused op on the triton backend.
+        h = self.in_layers[0].fused(x, silu=True)
         if self.updown:
             # Normalise and activate at the input size, resample, then convolve.
-            h = self.in_layers[1](self.in_layers[0](x))
-            h = self.in_layers[2](self.h_upd(h))
+            h = self.h_upd(h)
             x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+        h = self.in_layers[2](h)
         e = self.emb_layers(emb).to(h.dtype)
-        e = e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))  # [N, C, 1, 1]
         if self.use_scale_shift_norm:
-            scale, shift = torch.chunk(e, 2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
-            for layer in self.out_layers[1:]:
-                h = layer(h)
+            scale, shift = torch.chunk(e, 2, dim=1)  # [N, C] each
+            h = self.out_layers[0].fused(h, scale=scale, shift=shift, silu=True)
         else:
-            h = self.out_layers(h + e)
+            e = e.reshape(*e.shape, *([1] * (h.ndim - e.ndim)))  # [N, C, 1, 1]
+            h = self.out_layers[0].fused(h + e, silu=True)
+        h = self.out_layers[3](self.out_layers[2](h))
         return self.skip_connection(x) + h
-
-
-def qkv_attention(qkv: torch.Tensor, heads: int, order: str) -> torch.Tensor:
-    """Multi-head attention on a fused [N, 3*C, T] projection -> [N, C, T].
-
-    order "legacy": rows grouped per head (h*3*ch + p*ch + c); "new": per component
-    (p*C + h*ch + c); p = 0, 1, 2 for q, k, v. Output channel of head h, channel c is h*ch + c.
-    """
-    n, width, length = qkv.shape
-    ch = width // (3 * heads)
-    if order == "legacy":
-        q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
-    # [N, heads, ch, T] -> [N, heads, T, ch] views for the attention op
-    out = ops.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(n, heads * ch, length)
 
 
 class AttentionBlock(nn.Module):
     """Self-attention over all spatial positions, with a residual connection."""
+
+    backend = "torch"
 
     def __init__(self, channels: int, heads: int, order: str = "legacy"):
         super().__init__()
@@ -224,12 +231,17 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, *spatial = x.shape
         x = x.reshape(n, c, -1)  # [N, C, T]
-        h = qkv_attention(self.qkv(self.norm(x)), self.heads, self.order)
+        h = ops.qkv_attention(self.qkv(self.norm(x)), self.heads, self.order, backend=self.backend)
         return (x + self.proj_out(h)).reshape(n, c, *spatial)
 
 
 class AttentionPool2d(nn.Module):
-    """The classifier's attention-pooling head (CLIP-style): token 0 is the spatial mean."""
+    """The classifier's attention-pooling head (CLIP-style): token 0 is the spatial mean.
+
+    Only token 0's output is used. The torch backend computes every query, as the reference does
+    (keeping guidance bit-exact with it); the triton backend computes query 0 alone."""
+
+    backend = "torch"
 
     def __init__(self, spacial_dim: int, embed_dim: int, head_channels: int, output_dim: int):
         super().__init__()
@@ -246,10 +258,8 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, 1 + T]
         x = x + self.positional_embedding[None].to(x.dtype)
         qkv = self.qkv_proj(x)
-        length, ch = qkv.shape[-1], c // self.heads
-        q, k, v = qkv.reshape(n, 3, self.heads, ch, length).unbind(1)  # "new" order
-        out = ops.attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-        out = out.transpose(-1, -2).reshape(n, c, length)
+        queries = 1 if self.backend == "triton" else None
+        out = ops.qkv_attention(qkv, self.heads, "new", queries=queries, backend=self.backend)
         return self.c_proj(out)[:, :, 0]
 
 
@@ -273,6 +283,29 @@ class _Network(nn.Module):
         self.config: NetworkConfig = config
         self.dtype: torch.dtype = torch.float16 if config.use_fp16 else torch.float32
         self.preset: str | None = None
+        self.backend_request = "torch"  # what set_backend was asked for ("auto" re-picks)
+        self.backend = "torch"  # what the kernels of the network run on now
+
+    def set_backend(self, backend: str = "auto") -> _Network:
+        """Run GroupNorm(+scale-shift+SiLU) and attention on "torch" or "triton" kernels;
+        "auto" picks triton on CUDA where Triton is installed, and picks again whenever the
+        network moves to another device. Returns self."""
+        device = next(self.parameters()).device
+        resolved = ops.resolve_backend(backend, device)
+        self.backend_request, self.backend = backend, resolved
+        for m in self.modules():
+            if isinstance(m, (GroupNorm32, AttentionBlock, AttentionPool2d)):
+                m.backend = resolved
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        # Moving (.to / .cuda / .cpu) re-picks an "auto" backend for the new device.
+        if getattr(self, "backend_request", "torch") == "auto":
+            device = next(self.parameters()).device
+            if device.type != "meta":
+                self.set_backend("auto")
+        return out
 
     @classmethod
     def from_flags(cls, flags: str | Mapping[str, Any]) -> _Network:
@@ -461,7 +494,8 @@ class UNet(_Network):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype))
+        # out = GroupNorm, SiLU, conv
+        return self.out[2](self.out[0].fused(h.to(x.dtype), silu=True))
 
 
 class SuperResUNet(UNet):
@@ -553,7 +587,11 @@ class Classifier(_Network):
         if spatial:
             means.append(h.to(x.dtype).mean(dim=(2, 3)))
             return self.out(torch.cat(means, dim=-1))
-        return self.out(h.to(x.dtype))
+        # adaptive / attention pools: GroupNorm, SiLU, then the pooling layers
+        h = self.out[0].fused(h.to(x.dtype), silu=True)
+        for layer in self.out[2:]:
+            h = layer(h)
+        return h
 
 
 def network_class(config: NetworkConfig) -> type[_Network]:

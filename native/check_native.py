@@ -138,7 +138,8 @@ def main() -> int:
     print(f"--seed runs: {'deterministic' if seeded_ok else 'FAILED'}")
     # Bad input: one line on stderr, exit code 2, no output file.
     bad_cases = [
-        ([str(out), "--seed", "1"], "--batch"),
+        ([str(out), "--seed", "1"], "--out is required"),
+        ([str(out), "--seed", "1", "--out", str(work / "bad.npy")], "--batch"),
         (
             [str(out), "--noise", str(work / "labels.npy"), "--out", str(work / "bad.npy")],
             "expected float32 noise",

@@ -73,12 +73,28 @@ def check_inputs(qkv, heads, order, queries) -> None:
         raise ValueError(f"attention: queries={queries}; expected 1..{qkv.shape[2]}")
 
 
-def _blocks(ch: int, queries: int) -> tuple[int, int, int]:
+def launch_config(
+    ch: int, queries: int, ieee: bool = False, backward: bool = False
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for head dim ch: tiles shrink as D grows so that
+    the tiles of q, k, v, the accumulators and a score tile fit registers and shared memory
+    (fastsample.kernels.compile_check compiles each for sm_90 and reads the resources).
+    float32 (ieee) dots run without tensor cores: small tiles."""
     block_d = max(16, triton.next_power_of_2(ch))
-    block_n = 64 if block_d <= 64 else 32
-    block_m = 128 if block_d <= 64 else 64
+    if ieee:
+        block_m = block_n = 32 if block_d <= 64 else 16
+        warps = 4
+    elif backward:
+        block_m, block_n = (64, 64) if block_d <= 64 else (32, 32) if block_d <= 128 else (16, 32)
+        warps = 4 if block_d <= 64 else 8
+    elif block_d <= 64:
+        block_m, block_n, warps = 128, 64, 4
+    elif block_d <= 128:
+        block_m, block_n, warps = 64, 32, 4
+    else:
+        block_m, block_n, warps = 64, 32, 8
     block_m = min(block_m, max(16, triton.next_power_of_2(queries)))
-    return block_m, block_n, block_d
+    return block_m, block_n, block_d, warps
 
 
 @triton.jit
@@ -178,8 +194,9 @@ def _dkdv_kernel(
     v_base = k_base + KV_OFFSET * s_c
     k = tl.load(k_base + offs_d[None, :] * s_c + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_d[None, :] * s_c + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-    k = k.to(tl.float32)
-    v = v.to(tl.float32)
+    if IEEE:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     do_base = DOUT + b * o_b + h * D * o_c
@@ -189,11 +206,11 @@ def _dkdv_kernel(
         q_mask = mask_m[:, None] & mask_d[None, :]
         q = tl.load(q_base + offs_d[None, :] * s_c + rows[:, None] * s_t, mask=q_mask, other=0.0)
         do = tl.load(do_base + offs_d[None, :] * o_c + rows[:, None] * o_t, mask=q_mask, other=0.0)
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
         lse = tl.load(LSE + bh * TQ + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + bh * TQ + rows, mask=mask_m, other=0.0)
         if IEEE:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
         else:
             s = tl.dot(q, tl.trans(k)) * sm_scale
@@ -203,13 +220,13 @@ def _dkdv_kernel(
             dv += tl.dot(tl.trans(p), do, input_precision="ieee")
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         else:
-            dv += tl.dot(tl.trans(p), do)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
             dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None]) * sm_scale
         if IEEE:
             dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
         else:
-            dk += tl.dot(tl.trans(ds), q)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     gk = DQKV + b * g_b + (h * HEAD_STRIDE + KV_OFFSET) * g_c
     gv = gk + KV_OFFSET * g_c
     ty = DQKV.dtype.element_ty
@@ -241,8 +258,9 @@ def _dq_kernel(
     q = tl.load(q_base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=q_mask, other=0.0)
     do_base = DOUT + b * o_b + h * D * o_c
     do = tl.load(do_base + offs_d[None, :] * o_c + offs_m[:, None] * o_t, mask=q_mask, other=0.0)
-    q = q.to(tl.float32)
-    do = do.to(tl.float32)
+    if IEEE:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
     lse = tl.load(LSE + bh * TQ + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + bh * TQ + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -252,9 +270,9 @@ def _dq_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_d[None, :] * s_c + cols[:, None] * s_t, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_d[None, :] * s_c + cols[:, None] * s_t, mask=kv_mask, other=0.0)
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
         if IEEE:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         else:
@@ -266,7 +284,7 @@ def _dq_kernel(
         if IEEE:
             dq += tl.dot(ds, k, input_precision="ieee")
         else:
-            dq += tl.dot(ds, k)
+            dq += tl.dot(ds.to(k.dtype), k)
     gq = DQKV + b * g_b + h * HEAD_STRIDE * g_c
     tl.store(
         gq + offs_d[None, :] * g_c + offs_m[:, None] * g_t,
@@ -289,13 +307,13 @@ def forward(qkv, heads, order, queries):
     out = torch.empty(b, heads * ch, tq, device=qkv.device, dtype=qkv.dtype)
     lse = torch.empty(b * heads, tq, device=qkv.device, dtype=torch.float32)
     head_stride, kv_offset = _strides(order, heads, ch)
-    block_m, block_n, block_d = _blocks(ch, tq)
+    block_m, block_n, block_d, warps = launch_config(ch, tq, _ieee(qkv))
     _forward_kernel[(triton.cdiv(tq, block_m), b * heads)](
         qkv, out, lse,
         heads, t, tq, ch,
         *qkv.stride(), *out.stride(),
         head_stride, kv_offset, 1.0 / math.sqrt(ch),
-        IEEE=_ieee(qkv), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        IEEE=_ieee(qkv), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps,
     )  # fmt: skip
     return out, lse
 
@@ -312,7 +330,7 @@ def backward(dout, qkv, out, lse, heads, order, queries):
     )
     delta = torch.empty(b * heads, tq, device=qkv.device, dtype=torch.float32)
     head_stride, kv_offset = _strides(order, heads, ch)
-    block_m, block_n, block_d = _blocks(ch, tq)
+    block_m, block_n, block_d, warps = launch_config(ch, tq, _ieee(qkv), backward=True)
     _delta_kernel[(triton.cdiv(tq, block_m), b * heads)](
         out, dout, delta, heads, tq, ch, *out.stride(), BLOCK_M=block_m, BLOCK_D=block_d
     )
@@ -320,7 +338,7 @@ def backward(dout, qkv, out, lse, heads, order, queries):
         heads, t, tq, ch, *qkv.stride(), *dout.stride(), *dqkv.stride(),
         head_stride, kv_offset, 1.0 / math.sqrt(ch),
     )  # fmt: skip
-    meta = dict(IEEE=_ieee(qkv), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
+    meta = dict(IEEE=_ieee(qkv), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
     _dkdv_kernel[(triton.cdiv(t, block_n), b * heads)](qkv, dout, lse, delta, dqkv, *common, **meta)
     _dq_kernel[(triton.cdiv(tq, block_m), b * heads)](qkv, dout, lse, delta, dqkv, *common, **meta)
     return dqkv

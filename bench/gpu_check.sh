@@ -44,7 +44,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 } 2>&1 | tee "$OUT/machine.txt"
 
 # 1. The kernel checks compiled for this GPU (the same files the CPU runs under the interpreter).
-stage kernel_checks 200 python -m pytest -q -p no:cacheprovider -o "python_files=check_*.py" tests/interpreted
+stage kernel_checks 200 python -m pytest -q -p no:cacheprovider -o "norecursedirs=.*" -o "python_files=check_*.py" tests/interpreted
 
 # 2. Kernels vs eager torch vs torch.compile at ADM-256 shapes; the table goes to RESULTS.md.
 cp bench/RESULTS.md "$OUT/RESULTS_before.md" 2>/dev/null || true

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DEVICE, TOL, rel_err
+from _helpers import DEVICE, TOL, rel_err
 from fastsample.kernels.attention import attention, attention_reference
 
 CASES = [

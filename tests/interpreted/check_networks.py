@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from _helpers import DEVICE, rel_err
 
 from fastsample import Classifier, SuperResUNet, UNet
 from fastsample.guidance import classifier_guide

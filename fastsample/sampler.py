@@ -164,12 +164,7 @@ def ddim_loop(
         raise ValueError(f"eta={eta}: expected >= 0")
     x = noise(0)
     tab = step_tables(diffusion, x.device)
-    ac, ac_prev = tab.alphas_cumprod, tab.alphas_cumprod_prev
-    sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
-    sqrt_ac_prev = torch.sqrt(ac_prev)
-    # In float32, 1 - alpha_bar_prev - sigma^2 can round below 0 (eta = 1 on a respaced cosine
-    # schedule): the reference then returns NaN. It is a variance; 0 is its true floor.
-    dir_coef = torch.sqrt((1 - ac_prev - sigma**2).clamp_min(0))
+    sigma, sqrt_ac_prev, dir_coef = ddim_coefficients(diffusion, x.device, eta)
     n = diffusion.num_steps
     for k in _progress(range(1, n + 1), progress):
         i = n - k
@@ -184,6 +179,20 @@ def ddim_loop(
         if callback is not None:
             callback(k, x, x0)
     return x
+
+
+def ddim_coefficients(
+    diffusion: Diffusion, device: torch.device, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DDIM's per-step float32 (sigma, sqrt(alpha_bar_prev), direction coefficient)."""
+    tab = step_tables(diffusion, device)
+    ac, ac_prev = tab.alphas_cumprod, tab.alphas_cumprod_prev
+    sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
+    sqrt_ac_prev = torch.sqrt(ac_prev)
+    # In float32, 1 - alpha_bar_prev - sigma^2 can round below 0 (eta = 1 on a respaced cosine
+    # schedule): the reference then returns NaN. It is a variance; 0 is its true floor.
+    dir_coef = torch.sqrt((1 - ac_prev - sigma**2).clamp_min(0))
+    return sigma, sqrt_ac_prev, dir_coef
 
 
 @functools.lru_cache(maxsize=32)

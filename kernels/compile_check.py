@@ -167,9 +167,42 @@ def configurations():
         )
 
 
+def _step_configurations():
+    from . import sampler_step as S
+
+    tables = (
+        "SRA SRM1 S1M SQRT_AC_PREV DIR SIGMA COEF1 COEF2 MAX_LOG MIN_LOG FIXED RATIO LIN CUR PREV"
+    )
+    pointers = {name: "*fp32" for name in tables.split()}
+    pointers.update(
+        X="*fp32",
+        OUT="*fp32",
+        GRAD="*fp32",
+        Z="*fp32",
+        X0_PREV="*fp32",
+        XN="*fp32",
+        X0="*fp32",
+        STEP="*i32",
+    )
+    for name, sampler in S.SAMPLER_IDS.items():
+        meta = dict(
+            SAMPLER=sampler,
+            GUIDED=True,
+            CLIP=True,
+            LEARN_SIGMA=True,
+            PREDICT_XSTART=False,
+            NOISE=name != "dpm++2m",
+            BLOCK=1024,
+        )
+        yield ("sampler_step", f"{name} guided", S._step_kernel, pointers, ("scale",), meta, 4)
+
+
 def compile_all(arch: int = 90, log=lambda line: None, only: str = "") -> list[Compiled]:
     results = []
-    for name, label, fn, pointers, floats, constexprs, warps in configurations():
+    for name, label, fn, pointers, floats, constexprs, warps in [
+        *configurations(),
+        *_step_configurations(),
+    ]:
         if only and not name.startswith(only):
             continue
         kernel = _compile(fn, pointers, floats, constexprs, warps, arch)

@@ -30,6 +30,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     """ "auto" -> "triton" on CUDA where Triton is installed, else "torch"; checks the others."""
     device = torch.device(device)
     if name == "auto":
+        # (on the CPU without importing Triton at all)
         return "triton" if device.type == "cuda" and triton_available() else "torch"
     if name not in BACKENDS:
         raise ValueError(f"backend {name!r}: expected 'auto', 'torch' or 'triton'")
@@ -65,7 +66,7 @@ def group_norm(
             return kernel.group_norm(
                 x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu
             )
-    from fastsample.kernels.group_norm import group_norm_reference
+    from fastsample.kernels.reference import group_norm_reference
 
     return group_norm_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
 

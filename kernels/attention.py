@@ -21,28 +21,10 @@ import math
 import torch
 
 from ._triton import tl, triton
+from .reference import attention_reference  # noqa: F401  (re-exported)
 
 ORDERS = ("legacy", "new")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def attention_reference(
-    qkv: torch.Tensor, heads: int, order: str = "legacy", queries: int | None = None
-) -> torch.Tensor:
-    """The reference implementation's arithmetic (QKVAttentionLegacy / QKVAttention)."""
-    b, width, length = qkv.shape
-    ch = width // (3 * heads)
-    if order == "legacy":
-        q, k, v = qkv.reshape(b, heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(b, 3, heads, ch, length).unbind(1)
-    if queries is not None:
-        q = q[..., :queries]
-    scale = 1 / math.sqrt(math.sqrt(ch))
-    weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-    out = torch.einsum("bhts,bhcs->bhct", weight, v)
-    return out.reshape(b, heads * ch, out.shape[-1])
 
 
 def _strides(order: str, heads: int, ch: int) -> tuple[int, int]:

@@ -18,37 +18,11 @@ cast back, then scale-shift and SiLU in the working dtype), the CPU and export p
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._triton import tl, triton
+from .reference import group_norm_reference  # noqa: F401  (re-exported)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def group_norm_reference(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float = 1e-5,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
-    silu: bool = False,
-) -> torch.Tensor:
-    """ADM's ops, unfused: GroupNorm32, then `h * (1 + scale) + shift`, then SiLU."""
-    y = F.group_norm(
-        x.float(),
-        num_groups,
-        None if weight is None else weight.float(),
-        None if bias is None else bias.float(),
-        eps,
-    ).to(x.dtype)
-    if scale is not None or shift is not None:
-        shape = (*scale.shape, *([1] * (x.ndim - 2)))
-        y = y * (1 + scale.reshape(shape).to(y.dtype)) + shift.reshape(shape).to(y.dtype)
-    if silu:
-        y = F.silu(y)
-    return y
 
 
 def _layout(x: torch.Tensor) -> tuple[int, int, int]:

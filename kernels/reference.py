@@ -1,0 +1,57 @@
+"""Plain-torch references of the kernels: the reference implementation's arithmetic, op for op.
+
+They are the "torch" backend of fastsample.ops (the CPU and export path) and what the Triton
+kernels are tested against. This module imports no Triton.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    silu: bool = False,
+) -> torch.Tensor:
+    """ADM's ops, unfused: GroupNorm32, then `h * (1 + scale) + shift`, then SiLU."""
+    y = F.group_norm(
+        x.float(),
+        num_groups,
+        None if weight is None else weight.float(),
+        None if bias is None else bias.float(),
+        eps,
+    ).to(x.dtype)
+    if scale is not None or shift is not None:
+        shape = (*scale.shape, *([1] * (x.ndim - 2)))
+        y = y * (1 + scale.reshape(shape).to(y.dtype)) + shift.reshape(shape).to(y.dtype)
+    if silu:
+        y = F.silu(y)
+    return y
+
+
+def attention_reference(
+    qkv: torch.Tensor, heads: int, order: str = "legacy", queries: int | None = None
+) -> torch.Tensor:
+    """The reference implementation's arithmetic (QKVAttentionLegacy / QKVAttention)."""
+    b, width, length = qkv.shape
+    ch = width // (3 * heads)
+    if order == "legacy":
+        q, k, v = qkv.reshape(b, heads, 3, ch, length).unbind(2)
+    else:
+        q, k, v = qkv.reshape(b, 3, heads, ch, length).unbind(1)
+    if queries is not None:
+        q = q[..., :queries]
+    scale = 1 / math.sqrt(math.sqrt(ch))
+    weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
+    out = torch.einsum("bhts,bhcs->bhct", weight, v)
+    return out.reshape(b, heads * ch, out.shape[-1])

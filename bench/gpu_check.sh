@@ -2,6 +2,7 @@
 # Everything a lent GPU should measure, in one call of at most ~9.5 minutes:
 #
 #   bash bench/gpu_check.sh        # on the device machine, repository root; timeout_s ~580
+#   GPU_CHECK_STAGES="tests_gpu bench_kernels" bash bench/gpu_check.sh   # a rerun of some stages
 #
 # The device image has torch, triton, onnx, onnxruntime (CPU build), pytest; no TensorRT and no
 # network: the project runs from the source tree. Logs and JSON go to $OUT (or ./gpu_out); the
@@ -24,6 +25,10 @@ commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 stage() {  # stage NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [[ -n "${GPU_CHECK_STAGES:-}" && " $GPU_CHECK_STAGES " != *" $name "* ]]; then
+    echo "$name: not selected (GPU_CHECK_STAGES=$GPU_CHECK_STAGES)" | tee -a "$summary"
+    return
+  fi
   if ((SECONDS + limit > BUDGET)); then
     echo "$name: skipped (would pass the ${BUDGET}s budget at ${SECONDS}s)" | tee -a "$summary"
     return
@@ -44,7 +49,7 @@ stage() {  # stage NAME SECONDS COMMAND...
 } 2>&1 | tee "$OUT/machine.txt"
 
 # 1. The kernel checks compiled for this GPU (the same files the CPU runs under the interpreter).
-stage kernel_checks 200 python -m pytest -q -p no:cacheprovider -o "norecursedirs=.*" -o "python_files=check_*.py" tests/interpreted
+stage kernel_checks 180 python -m pytest -q -p no:cacheprovider -o "norecursedirs=.*" -o "python_files=check_*.py" tests/interpreted
 
 # 2. Kernels vs eager torch vs torch.compile at ADM-256 shapes; the table goes to RESULTS.md.
 cp bench/RESULTS.md "$OUT/RESULTS_before.md" 2>/dev/null || true
@@ -58,8 +63,9 @@ stage bench_kernels 120 python -m bench.kernels --batch 4 --dtype fp16 \
   --json "$OUT/bench_kernels.json" --markdown "$OUT/RESULTS_append.md"
 cat "$OUT/RESULTS_append.md" >>bench/RESULTS.md
 
-# 3. GPU-marked tests: AOTInductor on CUDA against eager (TensorRT ones skip without it).
-stage tests_gpu 150 python -m pytest -q -p no:cacheprovider -m gpu tests/test_export.py
+# 3. GPU-marked tests: the fast engine's CUDA graphs and streams, AOTInductor on CUDA (the
+#    TensorRT ones skip without it).
+stage tests_gpu 200 python -m pytest -q -p no:cacheprovider -m gpu tests
 
 # 4. A guided step on eager vs AOTInductor (CUDA) vs ONNX Runtime (this image's provider).
 stage bench_export_demo 150 python -m bench.export --device cuda --batch 1 8 \

@@ -239,9 +239,11 @@ class AttentionPool2d(nn.Module):
     """The classifier's attention-pooling head (CLIP-style): token 0 is the spatial mean.
 
     Only token 0's output is used. The torch backend computes every query, as the reference does
-    (keeping guidance bit-exact with it); the triton backend computes query 0 alone."""
+    (keeping guidance bit-exact with it), unless first_query_only is set (the fast engine sets
+    it); the triton backend computes query 0 alone."""
 
     backend = "torch"
+    first_query_only = False
 
     def __init__(self, spacial_dim: int, embed_dim: int, head_channels: int, output_dim: int):
         super().__init__()
@@ -258,7 +260,7 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, 1 + T]
         x = x + self.positional_embedding[None].to(x.dtype)
         qkv = self.qkv_proj(x)
-        queries = 1 if self.backend == "triton" else None
+        queries = 1 if self.backend == "triton" or self.first_query_only else None
         out = ops.qkv_attention(qkv, self.heads, "new", queries=queries, backend=self.backend)
         return self.c_proj(out)[:, :, 0]
 

@@ -1,0 +1,79 @@
+"""The fast engine: same samples as the eager path for the same seeds (CPU fallback here; the
+fused loop under the interpreter in tests/interpreted/check_engine.py; CUDA graphs and streams
+in the GPU-marked tests, which bench/gpu_check.sh runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import rel_err
+
+from fastsample import Pipeline, sample
+from fastsample.checkpoint import load_model
+from fastsample.config import DEMO_UNET, PRESETS
+from fastsample.engine import FastEngine
+from fastsample.unet import AttentionPool2d
+
+
+def _demo(device="cpu"):
+    model = load_model(DEMO_UNET, device=device)
+    clf = load_model(PRESETS[DEMO_UNET].classifier, device=device)
+    return model, clf, PRESETS[DEMO_UNET].diffusion.respaced("ddim8")
+
+
+def test_pipeline_fast_engine_matches_eager_on_cpu():
+    model, clf, d = _demo()
+    kwargs = dict(batch_size=3, classes=[1, 7], sampler="ddim", seed=3, progress=False)
+    eager = Pipeline(model, d, clf, guidance_scale=2.0, engine="eager").generate(4, **kwargs)
+    model2, clf2, _ = _demo()
+    fast_pipe = Pipeline(model2, d, clf2, guidance_scale=2.0, engine="fast")
+    fast = fast_pipe.generate(4, **kwargs)
+    assert fast_pipe.engine == "fast"
+    # The engine's classifier pools with its first query only.
+    pools = [m for m in fast_pipe.classifier.modules() if isinstance(m, AttentionPool2d)]
+    assert pools and all(p.first_query_only for p in pools)
+    assert np.array_equal(eager.labels, fast.labels)
+    diff = np.abs(eager.images.astype(int) - fast.images.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.999
+
+
+def test_first_query_pool_equals_full_pool():
+    _, clf, _ = _demo()
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 1, 32, 32, generator=gen), torch.tensor([5.0, 300.0, 900.0])
+    with torch.no_grad():
+        full = clf(x, t)
+        for m in clf.modules():
+            if isinstance(m, AttentionPool2d):
+                m.first_query_only = True
+        first = clf(x, t)
+    assert rel_err(first, full) < 1e-5
+
+
+def test_engine_default_and_errors():
+    model, clf, d = _demo()
+    assert Pipeline(model, d, clf).engine == "eager"  # on the CPU
+    with pytest.raises(ValueError, match="engine 'turbo'"):
+        Pipeline(model, d, clf, engine="turbo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])
+@pytest.mark.parametrize("graphs,streams", [(True, True), (True, False), (False, True)])
+def test_cuda_graphs_and_streams_match_eager(sampler, graphs, streams):
+    model, clf, d = _demo("cuda")
+    y = torch.tensor([0, 3, 7, 9], device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, device="cuda", generator=gen)
+    want = sample(model.set_backend("torch"), d, (4, 1, 32, 32), y=y, sampler=sampler,
+                  classifier=clf.set_backend("torch"), guidance_scale=2.0, noise=noise)  # fmt: skip
+    model2, clf2, _ = _demo("cuda")
+    engine = FastEngine(model2, clf2, cuda_graphs=graphs, streams=streams)
+    steps = []
+    got = engine.sample(sampler, d, lambda k: noise[k], y=y, model_y=y, guidance_scale=2.0,
+                        callback=lambda k, x, x0: steps.append(k))  # fmt: skip
+    assert steps == list(range(1, d.num_steps + 1))
+    # Triton kernels (fp32 statistics, one rounding) and TF32-capable cuDNN vs the torch ops.
+    assert rel_err(got, want) < 1e-3

@@ -51,27 +51,31 @@ stage() {  # stage NAME SECONDS COMMAND...
 # 1. The kernel checks compiled for this GPU (the same files the CPU runs under the interpreter).
 stage kernel_checks 180 python -m pytest -q -p no:cacheprovider -o "norecursedirs=.*" -o "python_files=check_*.py" tests/interpreted
 
-# 2. Kernels vs eager torch vs torch.compile at ADM-256 shapes; the table goes to RESULTS.md.
+# 2. GPU-marked tests: the fast engine's CUDA graphs and streams, AOTInductor on CUDA (the
+#    TensorRT ones skip without it).
+stage tests_gpu 200 python -m pytest -q -p no:cacheprovider -m gpu tests
+
+# 3. Kernels vs eager torch vs torch.compile at ADM-256 shapes; the table goes to RESULTS.md.
 cp bench/RESULTS.md "$OUT/RESULTS_before.md" 2>/dev/null || true
 {
   echo
   echo "## $(date -u +%Y-%m-%d) $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1), commit $commit"
   echo
-  echo "Command: \`bash bench/gpu_check.sh\` (stage bench_kernels: \`python -m bench.kernels --batch 4 --dtype fp16\`)"
+  echo "Command: \`bash bench/gpu_check.sh\` (stages bench_kernels: \`python -m bench.kernels --batch 4 --dtype fp16\`; bench_sample: \`python -m bench.sample --presets 64x64_diffusion 256x256_diffusion --batch 1 16 --steps ddim25\`)"
 } >"$OUT/RESULTS_append.md"
 stage bench_kernels 120 python -m bench.kernels --batch 4 --dtype fp16 \
   --json "$OUT/bench_kernels.json" --markdown "$OUT/RESULTS_append.md"
+
+# 4. Guided ddim25 per image: reference-style eager vs the fast engine, ImageNet 64 and 256.
+stage bench_sample 240 python -m bench.sample --presets 64x64_diffusion 256x256_diffusion \
+  --batch 1 16 --steps ddim25 --json "$OUT/bench_sample.json" --markdown "$OUT/RESULTS_append.md"
 cat "$OUT/RESULTS_append.md" >>bench/RESULTS.md
 
-# 3. GPU-marked tests: the fast engine's CUDA graphs and streams, AOTInductor on CUDA (the
-#    TensorRT ones skip without it).
-stage tests_gpu 200 python -m pytest -q -p no:cacheprovider -m gpu tests
-
-# 4. A guided step on eager vs AOTInductor (CUDA) vs ONNX Runtime (this image's provider).
+# 5. A guided step on eager vs AOTInductor (CUDA) vs ONNX Runtime (this image's provider).
 stage bench_export_demo 150 python -m bench.export --device cuda --batch 1 8 \
   --backends eager aoti onnxruntime --json "$OUT/bench_export_demo.json"
 
-# 5. The same at ImageNet 64 (random weights, fp16 torso as the README runs it), eager vs AOTI.
+# 6. The same at ImageNet 64 (random weights, fp16 torso as the README runs it), eager vs AOTI.
 stage bench_export_64 200 python -m bench.export --device cuda --model 64x64_diffusion \
   --dtype fp16 --batch 1 8 --backends eager aoti --repeats 20 --json "$OUT/bench_export_64.json"
 

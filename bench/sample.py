@@ -1,0 +1,252 @@
+"""Classifier-guided sampling, reference-style eager vs fastsample, per image.
+
+    python -m bench.sample [--presets 64x64_diffusion 128x128_diffusion 256x256_diffusion]
+                           [--batch 1 32] [--steps ddim25] [--device cuda|cpu] [--json FILE]
+                           [--markdown FILE]
+
+Both paths run in one process on the same random weights (never zeros) and the same noise:
+
+- reference-style eager: what the reference implementation computes. The torch ops op for op
+  (einsum attention over every query, GroupNorm, SiLU and scale-shift as separate ops), the
+  README's precision (fp16 convolutions where use_fp16), and its guidance: autograd through
+  the whole classifier with trainable parameters and gradient-checkpointed attention blocks,
+  so the attention is recomputed in the backward pass and its parameter gradients computed;
+- fastsample: on CUDA the fast engine (Triton kernels, two streams, a CUDA graph per step,
+  fused updates, input gradient only, first-query attention pool, channels_last); on the CPU
+  the default path that `fastsample.sample` and the CLI use.
+
+Printed per preset and batch: ms per image, images/s, peak memory (CUDA), the ratio to the
+baseline and the share of the FLOP floor (the step's FLOPs at the matmul rate measured in the
+same run). Random weights: timings only, the images mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import fastsample
+from fastsample.config import PRESETS
+from fastsample.unet import AttentionBlock
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _random(preset: str, seed: int, device, dtype=None, backend="torch"):
+    net = fastsample.create_model(preset, dtype=torch.float32, backend="torch")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    net = net.to(device)
+    net.set_precision(dtype if dtype is not None else net.dtype)
+    return net.set_backend(backend).eval()
+
+
+class _Recomputed(torch.autograd.Function):
+    """Forward without saving activations; backward recomputes and differentiates with respect
+    to the input and every parameter of the block (the reference's checkpointed attention)."""
+
+    @staticmethod
+    def forward(ctx, forward, n_params, x, *params):
+        ctx.fn = forward
+        ctx.save_for_backward(x, *params)
+        with torch.no_grad():
+            return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, *params = ctx.saved_tensors
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            out = ctx.fn(x_in)
+            grads = torch.autograd.grad(out, [x_in, *params], grad_out, allow_unused=True)
+        return (None, None, *grads)
+
+
+def reference_style(classifier: torch.nn.Module) -> torch.nn.Module:
+    """The reference's classifier as cond_fn differentiates it: trainable parameters, attention
+    blocks gradient-checkpointed (recomputed in backward, parameter gradients computed)."""
+    classifier.requires_grad_(True)
+    for block in classifier.modules():
+        if isinstance(block, AttentionBlock):
+            forward = block.forward
+            params = list(block.parameters())
+
+            def checkpointed(x, forward=forward, params=params):
+                return _Recomputed.apply(forward, len(params), x, *params)
+
+            block.forward = checkpointed
+    return classifier
+
+
+def _floor_rate(device) -> float:
+    """FLOP/s of a large fp16 (CUDA) or fp32 (CPU) matmul, measured now."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    reps = 10 if device.type == "cuda" else 3
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_flops(preset: str, classifier: str | None) -> float:
+    """Batch-1 FLOPs of one guided step: the UNet forward, plus the classifier's forward and
+    input gradient (twice its forward: no weight-gradient products)."""
+    from fastsample.summary import summarize
+
+    flops = summarize(preset).flops
+    if classifier:
+        flops += 2 * summarize(classifier).flops
+    return float(flops)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["64x64_diffusion"])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1])
+    parser.add_argument("--steps", default="ddim25")
+    parser.add_argument("--scale", type=float, default=2.5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per path (median)")
+    parser.add_argument("--json", help="write the numbers here")
+    parser.add_argument("--markdown", help="append a markdown table here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rate = _floor_rate(device)
+    rows = []
+    for preset_name in args.presets:
+        preset = PRESETS[preset_name]
+        clf_name = preset.classifier
+        diffusion = preset.diffusion.respaced(args.steps)
+        cfg = preset.network
+        flops = _step_flops(preset_name, clf_name) * diffusion.num_steps
+        for batch in args.batch:
+            shape = (batch, cfg.in_channels, cfg.image_size, cfg.image_size)
+            gen = torch.Generator().manual_seed(batch)
+            noise = torch.randn(diffusion.num_steps + 1, *shape, generator=gen).to(device)
+            classes = cfg.num_classes or 1000
+            y = (torch.arange(batch) % classes).to(device)
+            results = {}
+            for path in ("reference", "fastsample"):
+                cuda = device.type == "cuda"
+                if path == "reference":
+                    model = _random(preset_name, 0, device)
+                    clf = reference_style(_random(clf_name, 1, device)) if clf_name else None
+
+                    def run(model=model, clf=clf, d=diffusion, shape=shape, y=y, noise=noise):
+                        return fastsample.sample(
+                            model, d, shape, y=y, sampler="ddim", classifier=clf,
+                            guidance_scale=args.scale if clf else 0.0, noise=noise,
+                        )  # fmt: skip
+                elif cuda:
+                    from fastsample.engine import FastEngine
+
+                    model = _random(preset_name, 0, device, backend="auto")
+                    clf = _random(clf_name, 1, device, backend="auto") if clf_name else None
+                    engine = FastEngine(model, clf)
+
+                    def run(engine=engine, model=model, d=diffusion, y=y, noise=noise):
+                        y_model = y if model.config.num_classes is not None else None
+                        return engine.sample(
+                            "ddim", d, lambda k: noise[k], y=y, model_y=y_model,
+                            guidance_scale=args.scale if engine.classifier else 0.0,
+                        )  # fmt: skip
+                else:  # the CPU default: load_model / create_model's backend and precision
+                    model = _random(preset_name, 0, device, backend="auto")
+                    clf = _random(clf_name, 1, device, backend="auto") if clf_name else None
+
+                    def run(model=model, clf=clf, d=diffusion, shape=shape, y=y, noise=noise):
+                        return fastsample.sample(
+                            model, d, shape, y=y, sampler="ddim", classifier=clf,
+                            guidance_scale=args.scale if clf else 0.0, noise=noise,
+                        )  # fmt: skip
+
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
+                final = run()  # warm-up (compiles kernels, captures graphs)
+                _sync(device)
+                times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    final = run()
+                    _sync(device)
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times)
+                results[path] = {
+                    "ms_per_image": seconds / batch * 1e3,
+                    "images_per_s": batch / seconds,
+                    "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+                    "floor_share": flops * batch / rate / seconds,
+                    "final": final.float().cpu(),
+                }
+                del model, clf
+            base = results["reference"]
+            for path, r in results.items():
+                err = ((r["final"] - base["final"]).abs().max() / base["final"].abs().max()).item()
+                rows.append({
+                    "preset": preset_name, "batch": batch, "path": path,
+                    "ms_per_image": r["ms_per_image"], "images_per_s": r["images_per_s"],
+                    "peak_mib": r["peak_mib"],
+                    "speedup": base["ms_per_image"] / r["ms_per_image"],
+                    "floor_share": r["floor_share"], "rel_err_vs_reference": err,
+                })  # fmt: skip
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (
+        f"{card}; {torch.get_num_threads()} CPU threads; guided {args.steps}, scale "
+        f"{args.scale}; matmul rate {rate / 1e12:.1f} TFLOP/s; torch {torch.__version__}; "
+        f"commit {_commit()}"
+    )
+    lines = [
+        header,
+        "",
+        "| preset | batch | path | ms/image | images/s | peak MiB | x reference | of FLOP floor "
+        "| rel err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else ""
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {r['path']} | {r['ms_per_image']:.1f} | "
+            f"{r['images_per_s']:.2f} | {peak} | {r['speedup']:.2f} | "
+            f"{r['floor_share'] * 100:.1f}% | {r['rel_err_vs_reference']:.1e} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    if args.markdown:
+        with open(args.markdown, "a") as f:
+            f.write("\n### python -m bench.sample\n\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -159,16 +159,7 @@ def main() -> None:
             results = {}
             for path in ("reference", "fastsample"):
                 cuda = device.type == "cuda"
-                if path == "reference":
-                    model = _random(preset_name, 0, device)
-                    clf = reference_style(_random(clf_name, 1, device)) if clf_name else None
-
-                    def run(model=model, clf=clf, d=diffusion, shape=shape, y=y, noise=noise):
-                        return fastsample.sample(
-                            model, d, shape, y=y, sampler="ddim", classifier=clf,
-                            guidance_scale=args.scale if clf else 0.0, noise=noise,
-                        )  # fmt: skip
-                elif cuda:
+                if path == "fastsample" and cuda:
                     from fastsample.engine import FastEngine
 
                     model = _random(preset_name, 0, device, backend="auto")
@@ -181,9 +172,14 @@ def main() -> None:
                             "ddim", d, lambda k: noise[k], y=y, model_y=y_model,
                             guidance_scale=args.scale if engine.classifier else 0.0,
                         )  # fmt: skip
-                else:  # the CPU default: load_model / create_model's backend and precision
-                    model = _random(preset_name, 0, device, backend="auto")
-                    clf = _random(clf_name, 1, device, backend="auto") if clf_name else None
+                else:
+                    # The reference's arithmetic and guidance, or on the CPU the default path
+                    # that fastsample.sample and the CLI use (load_model's backend).
+                    backend = "torch" if path == "reference" else "auto"
+                    model = _random(preset_name, 0, device, backend=backend)
+                    clf = _random(clf_name, 1, device, backend=backend) if clf_name else None
+                    if clf is not None and path == "reference":
+                        clf = reference_style(clf)
 
                     def run(model=model, clf=clf, d=diffusion, shape=shape, y=y, noise=noise):
                         return fastsample.sample(

@@ -85,12 +85,11 @@ def qkv_attention(
 
         if kernel.supports(qkv, heads):
             return kernel.attention(qkv, heads, order, queries)
-    n, width, length = qkv.shape
+    from fastsample.kernels.reference import split_qkv
+
+    n, width, _ = qkv.shape
     ch = width // (3 * heads)
-    if order == "legacy":
-        q, k, v = qkv.reshape(n, heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(n, 3, heads, ch, length).unbind(1)
+    q, k, v = split_qkv(qkv, heads, order)
     if queries is not None:
         q = q[..., :queries]
     out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))

@@ -38,16 +38,23 @@ def group_norm_reference(
     return y
 
 
+def split_qkv(qkv: torch.Tensor, heads: int, order: str):
+    """Views q, k, v [B, H, D, T] of a [B, 3*H*D, T] projection: "legacy" rows are grouped per
+    head (h*3D + p*D + d), "new" rows per component (p*H*D + h*D + d)."""
+    b, width, length = qkv.shape
+    ch = width // (3 * heads)
+    if order == "legacy":
+        return qkv.reshape(b, heads, 3, ch, length).unbind(2)
+    return qkv.reshape(b, 3, heads, ch, length).unbind(1)
+
+
 def attention_reference(
     qkv: torch.Tensor, heads: int, order: str = "legacy", queries: int | None = None
 ) -> torch.Tensor:
     """The reference implementation's arithmetic (QKVAttentionLegacy / QKVAttention)."""
     b, width, length = qkv.shape
     ch = width // (3 * heads)
-    if order == "legacy":
-        q, k, v = qkv.reshape(b, heads, 3, ch, length).unbind(2)
-    else:
-        q, k, v = qkv.reshape(b, 3, heads, ch, length).unbind(1)
+    q, k, v = split_qkv(qkv, heads, order)
     if queries is not None:
         q = q[..., :queries]
     scale = 1 / math.sqrt(math.sqrt(ch))

@@ -19,3 +19,21 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # float32 path without TF32); float16 rounds every output to 11 bits (eps 9.8e-4) and bfloat16
 # to 8 bits (eps 7.8e-3); the reference itself runs in float32 on the same rounded inputs.
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+
+
+def golden():
+    """(config, tensors) of the reference's golden tiny models; skips where they are absent."""
+    import json
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[2]
+    shared = Path(os.environ.get("FASTSAMPLE_SHARED_DIR", root.parent / "shared"))
+    directory = Path(
+        os.environ.get("FASTSAMPLE_GOLDEN_DIR", shared / "reference_data" / "golden_tiny")
+    )
+    if not (directory / "config.json").is_file():
+        pytest.skip(f"golden tiny models not found in {directory}")
+    config = json.loads((directory / "config.json").read_text())
+    return config, torch.load(directory / "golden.pt", weights_only=True)

@@ -4,27 +4,12 @@ check_networks.py; here they run on the torch backend to keep the interpreter's 
 
 import pytest
 import torch
-from _helpers import DEVICE, rel_err
+from _helpers import DEVICE, golden, rel_err
 
 from fastsample import Classifier, Diffusion, UNet, sample
 from fastsample.engine import FastEngine
 
-
-def _golden():
-    import json
-    import os
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    shared = Path(os.environ.get("FASTSAMPLE_SHARED_DIR", root.parent / "shared"))
-    golden = Path(
-        os.environ.get("FASTSAMPLE_GOLDEN_DIR", shared / "reference_data" / "golden_tiny")
-    )
-    if not (golden / "config.json").is_file():
-        pytest.skip(f"golden tiny models not found in {golden}")
-    return json.loads((golden / "config.json").read_text()), torch.load(
-        golden / "golden.pt", weights_only=True
-    )
+_golden = golden
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])

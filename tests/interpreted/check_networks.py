@@ -1,29 +1,14 @@
 """Whole tiny networks on backend "triton" against backend "torch", guidance included."""
 
-import json
 
 import pytest
 import torch
-from _helpers import DEVICE, rel_err
+from _helpers import DEVICE, golden, rel_err
 
 from fastsample import Classifier, SuperResUNet, UNet
 from fastsample.guidance import classifier_guide
 
-
-def _golden():
-    import os
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    shared = Path(os.environ.get("FASTSAMPLE_SHARED_DIR", root.parent / "shared"))
-    golden_dir = Path(
-        os.environ.get("FASTSAMPLE_GOLDEN_DIR", shared / "reference_data" / "golden_tiny")
-    )
-    if not (golden_dir / "config.json").is_file():
-        pytest.skip(f"golden tiny models not found in {golden_dir}")
-    config = json.loads((golden_dir / "config.json").read_text())
-    tensors = torch.load(golden_dir / "golden.pt", weights_only=True)
-    return config, tensors
+_golden = golden
 
 
 def _pair(cls, config, state):

@@ -179,8 +179,8 @@ class FastEngine:
         guided = self.classifier is not None and guidance_scale != 0
         grad = self.grad_fn(y) if guided else None
         with torch.no_grad():
-            if self.cuda_graphs:
-                return self._graphed(sampler, diffusion, noise, net, grad, eta, guidance_scale,
+            if self.device.type == "cuda" and (self.cuda_graphs or self.streams):
+                return self._on_cuda(sampler, diffusion, noise, net, grad, eta, guidance_scale,
                                      clip_denoised, callback)  # fmt: skip
             return run(
                 sampler, net, diffusion, noise, eta=eta, grad=grad,
@@ -206,7 +206,9 @@ class FastEngine:
                 g = grad(x, t)
         kernel(x, out.float(), step, g, z, x_next=x, x0=x0)  # in place: read, then write
 
-    def _graphed(self, sampler, diffusion, noise, net, grad, eta, scale, clip, callback):
+    def _on_cuda(self, sampler, diffusion, noise, net, grad, eta, scale, clip, callback):
+        """The CUDA loop on static buffers: one captured graph replayed per step, or (without
+        graphs) the same step body launched op by op, streams as configured."""
         from fastsample.kernels.sampler_step import StepKernel
 
         x_t = noise(0).float()
@@ -218,25 +220,30 @@ class FastEngine:
         step = torch.full((), diffusion.num_steps - 1, dtype=torch.int32, device=self.device)
         if sampler == "dpm++2m":
             kernel.x0_prev = torch.zeros_like(x)
-        # Warm up on a side stream (allocator, cuDNN plans, autotuning), then capture one step.
-        warm = torch.cuda.Stream(self.device)
-        warm.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(warm):
-            for _ in range(2):
-                scratch = x.clone()
-                self._step_body(kernel, net, grad, scratch, step, z, x0, tab.t_model)
-        torch.cuda.current_stream(self.device).wait_stream(warm)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step_body(kernel, net, grad, x, step, z, x0, tab.t_model)
-        x.copy_(x_t)
-        if kernel.x0_prev is not None:
-            kernel.x0_prev.zero_()
+        graph = None
+        if self.cuda_graphs:
+            # Warm up on a side stream (allocator, cuDNN plans, autotuning), then capture.
+            warm = torch.cuda.Stream(self.device)
+            warm.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(warm):
+                for _ in range(2):
+                    scratch = x.clone()
+                    self._step_body(kernel, net, grad, scratch, step, z, x0, tab.t_model)
+            torch.cuda.current_stream(self.device).wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step_body(kernel, net, grad, x, step, z, x0, tab.t_model)
+            x.copy_(x_t)
+            if kernel.x0_prev is not None:
+                kernel.x0_prev.zero_()
         n = diffusion.num_steps
         for k in range(1, n + 1):
             step.fill_(n - k)
             z.copy_(noise(k))
-            graph.replay()
+            if graph is not None:
+                graph.replay()
+            else:
+                self._step_body(kernel, net, grad, x, step, z, x0, tab.t_model)
             if callback is not None:
                 callback(k, x.clone(), x0.clone())
         return x.clone()

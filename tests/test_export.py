@@ -13,28 +13,28 @@ import json
 import shutil
 
 import numpy as np
+
+# onnx and onnxruntime come with the [test] extra: a missing install fails here, loudly.
+import onnx  # onnx and onnxruntime come with the [test] extra: no skip if absent
+import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import rel_err
+from fastsample.export import ExportError, export, load
+from fastsample.export.bundle import check_hashes, read_manifest, sha256_file
+from fastsample.export.graphs import (
+    _decompositions,
+    classifier_grad_graph,
+    unet_graph,
+)
+from fastsample.export.onnx import OrtGraph, choose_providers
 
 from fastsample import Classifier, Diffusion, SuperResUNet, UNet, sample
 from fastsample.checkpoint import load_model
 from fastsample.cli import main
 from fastsample.config import DEMO_UNET, PRESETS
 from fastsample.guidance import classifier_guide
-
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-
-from fastsample.export import ExportError, export, load  # noqa: E402
-from fastsample.export.bundle import check_hashes, read_manifest, sha256_file  # noqa: E402
-from fastsample.export.graphs import (  # noqa: E402
-    _decompositions,
-    classifier_grad_graph,
-    unet_graph,
-)
-from fastsample.export.onnx import OrtGraph, choose_providers  # noqa: E402
 
 DEMO_CLASSIFIER = PRESETS[DEMO_UNET].classifier
 

@@ -1,6 +1,5 @@
 """Whole tiny networks on backend "triton" against backend "torch", guidance included."""
 
-
 import pytest
 import torch
 from _helpers import DEVICE, golden, rel_err

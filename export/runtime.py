@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +156,37 @@ def graphs_for(
     max_batch: int = 64,
     device: str | None = None,
 ) -> ExportedGraphs:
-    """Export (once, into the cache) and load the graphs of eager networks for a backend."""
+    """Export (once, into the cache) and load the graphs of eager networks for a backend.
+
+    Loaded graphs are kept per network object while its weights are unchanged (torch's
+    in-place version counters), so repeated calls neither re-hash the weights nor reopen
+    sessions."""
     if backend not in _TARGET_OF:
         raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    require_backend(backend)
+    memo_key = (backend, device, max_batch, model.dtype, *_versions(model),
+                id(classifier), *_versions(classifier))  # fmt: skip
+    loaded = _LOADED.setdefault(model, {})
+    if memo_key not in loaded:
+        loaded.clear()  # weights or settings changed: drop the stale sessions
+        loaded[memo_key] = _export_and_load(
+            model, classifier, backend, diffusion, max_batch, device
+        )
+    return loaded[memo_key]
+
+
+def _versions(module) -> tuple[int, ...]:
+    if module is None:
+        return ()
+    return tuple(t._version for t in (*module.parameters(), *module.buffers()))
+
+
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _export_and_load(model, classifier, backend, diffusion, max_batch, device) -> ExportedGraphs:
     from .bundle import DTYPES, export
 
-    require_backend(backend)
     dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
     target = "onnx" if backend in ("onnxruntime", "tensorrt") else "aoti"
     aoti_device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from fastsample.kernels.reference import group_norm_reference, split_qkv
+
 BACKENDS = ("torch", "triton")
 
 
@@ -66,8 +68,6 @@ def group_norm(
             return kernel.group_norm(
                 x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu
             )
-    from fastsample.kernels.reference import group_norm_reference
-
     return group_norm_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
 
 
@@ -85,8 +85,6 @@ def qkv_attention(
 
         if kernel.supports(qkv, heads):
             return kernel.attention(qkv, heads, order, queries)
-    from fastsample.kernels.reference import split_qkv
-
     n, width, _ = qkv.shape
     ch = width // (3 * heads)
     q, k, v = split_qkv(qkv, heads, order)

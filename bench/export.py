@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -28,38 +26,16 @@ from pathlib import Path
 import torch
 
 import fastsample
+from bench.common import commit, median_seconds, randomize
 from fastsample.config import PRESETS
 from fastsample.pipeline import _load_network
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn, repeats: int, device: torch.device) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _network(spec: str, role: str, seed: int) -> torch.nn.Module:
     """A checkpoint or a preset with shipped weights; other presets get random weights that are
     never zero (the reference zero-initialises output layers, which would time on zeros)."""
     if spec in PRESETS and not PRESETS[spec].weights and not Path(spec).exists():
-        net = fastsample.create_model(spec, dtype=torch.float32)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        return net.eval()
+        return randomize(fastsample.create_model(spec, dtype=torch.float32), seed).eval()
     return _load_network(spec, "cpu", torch.float32, role)
 
 
@@ -68,15 +44,6 @@ def _device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     return f"CPU ({cpu}), {torch.get_num_threads()} threads"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -180,7 +147,7 @@ def main() -> None:
                         return out
 
                     run_model, run_kwargs = g, {}
-                step_s = _median_seconds(step, args.repeats, dev)
+                step_s = median_seconds(step, args.repeats, dev)
                 kwargs = dict(
                     y=y.to(dev) if needs_y else None,
                     sampler="ddim",
@@ -194,7 +161,7 @@ def main() -> None:
                     return fastsample.sample(run_model, diffusion, shape, **kwargs)
 
                 final = whole()
-                run_s = _median_seconds(whole, max(1, args.repeats // 5), dev)
+                run_s = median_seconds(whole, max(1, args.repeats // 5), dev)
                 results[backend] = {
                     "guided_step_ms": step_s * 1e3,
                     "run_ms_per_step": run_s / diffusion.num_steps * 1e3,
@@ -227,7 +194,7 @@ def main() -> None:
         "steps": args.steps,
         "device": _device_name(device),
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": commit(),
         "export_seconds": {k: round(v, 1) for k, v in export_seconds.items()},
     }
     print(json.dumps(header))

@@ -15,26 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import commit
+
 # (channels, side) of ADM-256's GroupNorms, from the 256x256 level down to 8x8.
 GN_SHAPES = [(256, 256), (256, 128), (512, 64), (512, 32), (1024, 16), (1024, 8)]
 # (tokens, channels) of its attention blocks (32x32, 16x16, 8x8), head dim 64.
 ATTN_SHAPES = [(1024, 512), (256, 1024), (64, 1024)]
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def _bench(fn) -> float:
@@ -117,7 +108,7 @@ def main() -> None:
 
     header = (
         f"card: {card}; copy bandwidth {bandwidth:.0f} GB/s; dtype {args.dtype}; "
-        f"torch {torch.__version__}; commit {_commit()}"
+        f"torch {torch.__version__}; commit {commit()}"
     )
     lines = [
         header,

@@ -25,33 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 import fastsample
+from bench.common import commit, randomize, sync
 from fastsample.config import PRESETS
 from fastsample.unet import AttentionBlock
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _random(preset: str, seed: int, device, dtype=None, backend="torch"):
-    net = fastsample.create_model(preset, dtype=torch.float32, backend="torch")
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    net = randomize(fastsample.create_model(preset, dtype=torch.float32, backend="torch"), seed)
     net = net.to(device)
     net.set_precision(dtype if dtype is not None else net.dtype)
     return net.set_backend(backend).eval()
@@ -102,18 +88,13 @@ def _floor_rate(device) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     reps = 10 if device.type == "cuda" else 3
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step_flops(preset: str, classifier: str | None) -> float:
@@ -190,12 +171,12 @@ def main() -> None:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
                 final = run()  # warm-up (compiles kernels, captures graphs)
-                _sync(device)
+                sync(device)
                 times = []
                 for _ in range(args.repeats):
                     start = time.perf_counter()
                     final = run()
-                    _sync(device)
+                    sync(device)
                     times.append(time.perf_counter() - start)
                 seconds = statistics.median(times)
                 results[path] = {
@@ -220,7 +201,7 @@ def main() -> None:
     header = (
         f"{card}; {torch.get_num_threads()} CPU threads; guided {args.steps}, scale "
         f"{args.scale}; matmul rate {rate / 1e12:.1f} TFLOP/s; torch {torch.__version__}; "
-        f"commit {_commit()}"
+        f"commit {commit()}"
     )
     lines = [
         header,

@@ -13,34 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import time
 
 import torch
 
 import fastsample
+from bench.common import commit, median_seconds, randomize
 from fastsample import sampler as samplers
 from fastsample.guidance import classifier_guide
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random weights everywhere, also where the reference initialises to zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-    return model
 
 
 def main() -> None:
@@ -55,11 +34,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     preset = fastsample.presets[args.preset]
-    model = _randomize(fastsample.create_model(args.preset, dtype=torch.float32), 0)
+    model = randomize(fastsample.create_model(args.preset, dtype=torch.float32), 0)
     cfg = model.config
     classifier = None
     if preset.classifier:
-        classifier = _randomize(fastsample.create_model(preset.classifier), 1)
+        classifier = randomize(fastsample.create_model(preset.classifier), 1)
     diffusion = preset.diffusion.respaced(args.steps)
     n = diffusion.num_steps
     shape = (args.batch, cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -70,9 +49,9 @@ def main() -> None:
     # The networks' own time per step (median of a few calls).
     with torch.no_grad():
         out = model(x, t, y if cfg.num_classes else None)
-        unet_s = _median_seconds(lambda: model(x, t, y if cfg.num_classes else None), 2)
+        unet_s = median_seconds(lambda: model(x, t, y if cfg.num_classes else None), 2)
     guide = classifier_guide(classifier, y, 1.0) if classifier is not None else None
-    grad_s = _median_seconds(lambda: guide(x, t), 2) if guide is not None else 0.0
+    grad_s = median_seconds(lambda: guide(x, t), 2) if guide is not None else 0.0
     grad = guide(x, t) if guide is not None else None
 
     def stand_in_net(x_t, t_):
@@ -84,12 +63,10 @@ def main() -> None:
     def noise(k):
         return torch.randn(shape)
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit_id = commit()
     print(
         f"CPU x{args.threads} threads | torch {torch.__version__} | fp32 | {args.preset} "
-        f"batch {args.batch}, {args.steps} ({n} steps) | commit {commit or '?'}"
+        f"batch {args.batch}, {args.steps} ({n} steps) | commit {commit_id}"
     )
     print(f"networks per step: UNet {unet_s * 1e3:,.1f} ms, classifier gradient ", end="")
     print(f"{grad_s * 1e3:,.1f} ms")
@@ -98,7 +75,7 @@ def main() -> None:
     for name in samplers.SAMPLERS:
         for guided in (False, True) if guide is not None else (False,):
             g = stand_in_guide if guided else None
-            loop_s = _median_seconds(
+            loop_s = median_seconds(
                 lambda name=name, g=g: samplers.run(name, stand_in_net, diffusion, noise, guide=g),
                 args.repeats,
             )

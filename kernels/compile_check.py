@@ -218,6 +218,15 @@ def main() -> None:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100)")
     parser.add_argument("--only", default="", help="kernel name prefix (gn_, attn_, ...)")
     args = parser.parse_args()
+    try:
+        import triton
+    except ImportError:
+        raise SystemExit("compile_check needs Triton: pip install 'fastsample[triton]'") from None
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.isfile(tool):
+        raise SystemExit(f"compile_check needs Triton's NVIDIA backend tools ({tool} is missing)")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_check compiles kernels: unset TRITON_INTERPRET")
     results = compile_all(args.arch, log=print, only=args.only)
     bad = [(r, p) for r in results for p in r.problems(args.arch)]
     for r, p in bad:

@@ -1,25 +1,33 @@
-"""The kernel seam: every GroupNorm (with its scale-shift and SiLU) and every attention of the
-networks goes through here, on one of two backends:
+"""The kernel seam: every GroupNorm (with its scale-shift and SiLU), every attention and every
+2-D convolution of the networks goes through here, on one of three backends:
 
-- "torch": plain torch with ADM's numerics, op for op as the reference computes them (the CPU
-  path, the export path, and what the kernels are tested against);
+- "torch": plain torch with ADM's numerics, op for op as the reference computes them (the export
+  path, and what the kernels and the other backends are tested against);
 - "triton": the fused kernels of `fastsample.kernels` (CUDA; on the CPU only under
-  TRITON_INTERPRET=1, for tests).
+  TRITON_INTERPRET=1, for tests);
+- "onednn": the CPU path. Activations channels_last, convolutions on oneDNN with their weights
+  reordered once into its blocked layout (and, for the guidance gradient, the input gradient as
+  a second pre-packed convolution instead of autograd's convolution backward), attention as
+  fused scaled-dot-product attention on [N, T, C] tokens. fp32 on CPU only; anything else (other
+  dtypes, trainable weights, strided or grouped convolutions) runs the torch ops.
 
 A network picks its backend once, when it is built, loaded or moved ("auto": triton on CUDA
-where Triton is installed, else torch); `model.set_backend(...)` switches it.
+where Triton is installed, onednn on a CPU torch built with it, else torch);
+`model.set_backend(...)` switches it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
+import torch.nn.functional as F
 
 from fastsample.kernels.reference import group_norm_reference, split_qkv
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "onednn")
 
 
 def triton_available() -> bool:
@@ -28,14 +36,28 @@ def triton_available() -> bool:
     return _triton.AVAILABLE
 
 
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
+
+
 def resolve_backend(name: str, device: torch.device | str) -> str:
-    """ "auto" -> "triton" on CUDA where Triton is installed, else "torch"; checks the others."""
+    """ "auto" -> "triton" on CUDA where Triton is installed, "onednn" on the CPU where torch has
+    it, else "torch"; checks the others."""
     device = torch.device(device)
     if name == "auto":
         # (on the CPU without importing Triton at all)
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
+        if device.type == "cuda":
+            return "triton" if triton_available() else "torch"
+        return "onednn" if device.type == "cpu" and onednn_available() else "torch"
     if name not in BACKENDS:
-        raise ValueError(f"backend {name!r}: expected 'auto', 'torch' or 'triton'")
+        raise ValueError(f"backend {name!r}: expected 'auto', 'torch', 'triton' or 'onednn'")
+    if name == "onednn":
+        if device.type != "cpu":
+            raise ValueError(f"backend 'onednn' runs on the CPU (the network is on {device})")
+        if not onednn_available():
+            raise ValueError("backend 'onednn': this torch build has no oneDNN (mkldnn)")
     if name == "triton":
         if not triton_available():
             raise ValueError("backend 'triton' needs Triton: pip install 'fastsample[triton]'")
@@ -68,7 +90,27 @@ def group_norm(
             return kernel.group_norm(
                 x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu
             )
+    if backend == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu":
+        return _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu)
     return group_norm_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
+
+
+def _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu):
+    """The same function in fewer passes over x (fp32): with one sample, the scale-shift folds
+    into the norm's per-channel affine; otherwise one addcmul. SiLU in place where autograd
+    does not record."""
+    if scale is not None and x.shape[0] == 1:
+        factor = 1 + scale[0]
+        weight = factor if weight is None else weight * factor
+        bias = shift[0] if bias is None else torch.addcmul(shift[0], bias, factor)
+        scale = None
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if scale is not None:
+        shape = (*scale.shape, *([1] * (x.ndim - 2)))
+        y = torch.addcmul(shift.reshape(shape), y, 1 + scale.reshape(shape))
+    if silu:
+        y = F.silu(y, inplace=not (torch.is_grad_enabled() and y.requires_grad))
+    return y
 
 
 def qkv_attention(
@@ -106,4 +148,239 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return torch.matmul(weight, v)
 
 
-__all__ = ["BACKENDS", "attention", "group_norm", "qkv_attention", "resolve_backend"]
+def token_attention(qkv: torch.Tensor, heads: int, order: str = "legacy") -> torch.Tensor:
+    """qkv_attention on tokens: [N, T, 3*H*D] -> [N, T, H*D] (channel h*D + d, as the reference
+    lays out its output), one fused scaled-dot-product attention. Its scale 1/sqrt(D) is ADM's
+    D**-0.25 on q and on k."""
+    n, t, width = qkv.shape
+    d = width // (3 * heads)
+    if order == "legacy":  # per head: q, k, v
+        parts = qkv.view(n, t, heads, 3, d).unbind(3)
+    else:  # q of every head, then k, then v
+        parts = qkv.view(n, t, 3, heads, d).unbind(2)
+    q, k, v = (p.transpose(1, 2) for p in parts)  # [N, H, T, D] views
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(n, t, heads * d)
+
+
+def onednn_eligible(x: torch.Tensor) -> bool:
+    """Whether the onednn backend's fast path takes this activation (else the torch ops)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4
+
+
+class _PackedConv:
+    """A Conv2d's weights made ready for the CPU, each form on first use: oneDNN's blocked
+    layout for the forward convolution; the Winograd F(2x2, 3x3) transform for 3x3 convolutions
+    on large-channel 16x16 to 32x32 maps (see `winograd_suits`); and the input gradient as a
+    convolution of the output gradient with the channel-swapped, flipped kernel (stride 1)."""
+
+    def __init__(self, conv: torch.nn.Conv2d):
+        self.key = _pack_key(conv)
+        self.conv = weakref.ref(conv)
+        self.padding, self.stride = list(conv.padding), list(conv.stride)
+        self.dilation = list(conv.dilation)
+        self.kernel = list(conv.kernel_size)
+        self.bias = conv.bias.detach() if conv.bias is not None else None
+        self._weight = self._winograd = self._grad_weight = None
+
+    @property
+    def has_input_grad(self) -> bool:
+        return self.stride == [1, 1] and self.dilation == [1, 1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._winograd is not None or winograd_suits(self, x):
+            if self._winograd is None:
+                self._winograd = winograd_weight(self.conv().weight.detach())
+            return winograd_conv3x3(x, self._winograd, self.bias)
+        if self._weight is None:
+            self._weight = _reorder(self.conv().weight.detach(), self.padding, self.stride,
+                                    self.dilation, x)  # fmt: skip
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self._weight, self.bias, self.padding, self.stride, self.dilation, 1, "none", [], ""
+        )
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        padding = [k - 1 - p for k, p in zip(self.kernel, self.padding, strict=True)]
+        if self._grad_weight is None:
+            flipped = self.conv().weight.detach().transpose(0, 1).flip(2, 3)
+            self._grad_weight = _reorder(flipped, padding, [1, 1], [1, 1], grad_out)
+        return torch.ops.mkldnn._convolution_pointwise(
+            grad_out, self._grad_weight, None, padding, [1, 1], [1, 1], 1, "none", [], ""
+        )
+
+
+def _reorder(weight, padding, stride, dilation, x) -> torch.Tensor:
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, padding, stride, dilation, 1, list(x.shape)
+    )
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): a 2x2 output tile from a 4x4 input tile with 16
+# products per channel pair instead of 36. Y = A^T [(G g G^T) * (B^T d B)] A.
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def winograd_suits(packed: _PackedConv, x: torch.Tensor) -> bool:
+    """Where F(2x2, 3x3) beats oneDNN's direct convolution on a 2-thread AVX-512 CPU at batch 1
+    (bench: winograd vs packed per layer): 3x3, stride 1, padding 1, even 16x16 to 32x32 maps
+    with wide channels. A fixed rule, so a run's arithmetic never depends on timing."""
+    if packed.kernel != [3, 3] or packed.padding != [1, 1] or not packed.has_input_grad:
+        return False
+    _, c_in, height, width = x.shape
+    c_out = packed.conv().out_channels
+    area = height * width
+    if height % 2 or width % 2 or not 256 <= area <= 1024:
+        return False
+    return min(c_in, c_out) >= (384 if area > 512 else 576)
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[C_out, C_in, 3, 3] -> U = G g G^T as [16, C_in, C_out] (tile position major)."""
+    g = torch.tensor(_WINOGRAD_G, dtype=weight.dtype, device=weight.device)
+    u = g @ weight @ g.t()  # [C_out, C_in, 4, 4]
+    return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).contiguous()
+
+
+def winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(x, g, bias, padding=1) for even H, W with U = winograd_weight(g); x in any
+    layout, the result channels_last. B^T d B and A^T m A are sums and differences of strided
+    views; the 16 tile positions are one batched matmul."""
+    n, c, h, w = x.shape
+    ty, tx = h // 2, w // 2
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # [N, H+2, W+2, C]
+    s = xp.stride()
+    # d[n, y, x, i, j, c] = xp[n, 2y + i, 2x + j, c]: the overlapping 4x4 input tiles
+    d = xp.as_strided((n, ty, tx, 4, 4, c), (s[0], 2 * s[1], 2 * s[2], s[1], s[2], s[3]))
+    rows = x.new_empty(4, n, ty, tx, 4, c)  # B^T d, over i
+    torch.sub(d[:, :, :, 0], d[:, :, :, 2], out=rows[0])
+    torch.add(d[:, :, :, 1], d[:, :, :, 2], out=rows[1])
+    torch.sub(d[:, :, :, 2], d[:, :, :, 1], out=rows[2])
+    torch.sub(d[:, :, :, 1], d[:, :, :, 3], out=rows[3])
+    v = x.new_empty(4, 4, n, ty, tx, c)  # (B^T d) B, over j
+    torch.sub(rows[..., 0, :], rows[..., 2, :], out=v[:, 0])
+    torch.add(rows[..., 1, :], rows[..., 2, :], out=v[:, 1])
+    torch.sub(rows[..., 2, :], rows[..., 1, :], out=v[:, 2])
+    torch.sub(rows[..., 1, :], rows[..., 3, :], out=v[:, 3])
+    m = torch.bmm(v.view(16, n * ty * tx, c), u).view(4, 4, n, ty, tx, -1)
+    c_out = m.shape[-1]
+    out = x.new_empty(n, ty, 2, tx, 2, c_out)  # = [N, H, W, C_out]
+    for i, r in enumerate((m[0] + m[1] + m[2], m[1] - m[2] - m[3])):  # A^T m, over the rows
+        torch.add(r[0] + r[1], r[2], out=out[:, :, i, :, 0])  # then times A, over the columns
+        torch.sub(r[1] - r[2], r[3], out=out[:, :, i, :, 1])
+    if bias is not None:
+        out += bias
+    return out.view(n, h, w, c_out).permute(0, 3, 1, 2)
+
+
+class _InputGrad(torch.autograd.Function):
+    """A packed convolution or linear whose backward gives the input gradient only (frozen
+    weights)."""
+
+    @staticmethod
+    def forward(ctx, x, packed):
+        ctx.packed = packed
+        return packed(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        layout = torch.channels_last if grad_out.ndim == 4 else torch.contiguous_format
+        return ctx.packed.input_grad(grad_out.contiguous(memory_format=layout)), None
+
+
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pack_key(conv: torch.nn.Conv2d) -> tuple:
+    # Any in-place change of the weights (load_state_dict, an optimizer step) or a move
+    # changes this key and re-packs.
+    w, b = conv.weight, conv.bias
+    return (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
+
+
+def conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """conv(x); on the onednn backend with pre-packed weights where it applies (fp32 on the
+    CPU, groups 1, zero padding, weights frozen where autograd records)."""
+    args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if (
+        backend != "onednn"
+        or not onednn_eligible(x)
+        or conv.weight.dtype != torch.float32
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or isinstance(conv.padding, str)
+    ):
+        return F.conv2d(x, *args)
+    return _packed_apply(conv, x, lambda: _PackedConv(conv), F.conv2d, *args)
+
+
+class _PackedLinear:
+    """A 1x1 projection's weight [O, I, 1] (Conv1d) or [O, I] as oneDNN linear weights: the
+    forward, and (on first use) the input gradient, a linear with the transposed weight."""
+
+    def __init__(self, module: torch.nn.Module, x: torch.Tensor):
+        self.key = _pack_key(module)
+        self.module = weakref.ref(module)
+        weight = module.weight.detach().flatten(1)
+        rows = x.numel() // x.shape[-1]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        self.bias = module.bias.detach() if module.bias is not None else None
+        self._grad_weight = None
+        self.has_input_grad = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def input_grad(self, grad_out: torch.Tensor) -> torch.Tensor:
+        if self._grad_weight is None:
+            weight_t = self.module().weight.detach().flatten(1).t().contiguous()
+            rows = grad_out.numel() // grad_out.shape[-1]
+            self._grad_weight = torch.ops.mkldnn._reorder_linear_weight(weight_t, rows)
+        return torch.ops.mkldnn._linear_pointwise(grad_out, self._grad_weight, None, "none", [],
+                                                  "")  # fmt: skip
+
+
+def linear(module: torch.nn.Module, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+    """A 1x1 projection (an nn.Conv1d with kernel 1, or an nn.Linear) applied to tokens
+    [..., I] -> [..., O]; pre-packed oneDNN weights on the onednn backend (fp32 CPU, frozen
+    weights where autograd records)."""
+    weight = module.weight.flatten(1)
+    if (
+        backend != "onednn"
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or weight.dtype != torch.float32
+        or not x.is_contiguous()
+    ):
+        return F.linear(x, weight, module.bias)
+    return _packed_apply(module, x, lambda: _PackedLinear(module, x), F.linear, weight, module.bias)
+
+
+def _packed_apply(module, x, pack, fallback, *args):
+    """module(x) through its cached packed form (made by pack()), with autograd taking the
+    input gradient only; trainable weights under autograd run fallback(x, *args)."""
+    recording = torch.is_grad_enabled()
+    if recording and any(p.requires_grad for p in module.parameters(recurse=False)):
+        return fallback(x, *args)
+    packed = _PACKED.get(module)
+    if packed is None or packed.key != _pack_key(module):
+        packed = _PACKED[module] = pack()
+    if recording and x.requires_grad:
+        if not packed.has_input_grad:
+            return fallback(x, *args)
+        return _InputGrad.apply(x, packed)
+    return packed(x)
+
+
+__all__ = [
+    "BACKENDS",
+    "attention",
+    "conv2d",
+    "group_norm",
+    "linear",
+    "onednn_available",
+    "qkv_attention",
+    "resolve_backend",
+    "token_attention",
+]

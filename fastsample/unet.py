@@ -48,8 +48,18 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> to
     return emb
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state_dict keys) through the ops seam: pre-packed oneDNN
+    weights on the onednn backend, plain F.conv2d otherwise."""
+
+    backend = "torch"  # set per instance by _Network.set_backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d(self, x, self.backend)
+
+
 def _conv(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
+    return (nn.Conv1d, Conv2d, nn.Conv3d)[dims - 1](*args, **kwargs)
 
 
 def _avg_pool(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
@@ -230,9 +240,23 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, *spatial = x.shape
+        if self.backend == "onednn" and ops.onednn_eligible(x):
+            return self._tokens(x)
         x = x.reshape(n, c, -1)  # [N, C, T]
         h = ops.qkv_attention(self.qkv(self.norm(x)), self.heads, self.order, backend=self.backend)
         return (x + self.proj_out(h)).reshape(n, c, *spatial)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block on [N, T, C] tokens (views of channels_last x): the 1x1 projections
+        as matmuls, fused attention; returns channels_last."""
+        n, c, height, width = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(n, height * width, c)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(n, height * width, c)
+        qkv = ops.linear(self.qkv, h, self.backend)
+        h = ops.token_attention(qkv, self.heads, self.order)
+        out = ops.linear(self.proj_out, h, self.backend)
+        out = out + tokens if out.requires_grad else out.add_(tokens)
+        return out.reshape(n, height, width, c).permute(0, 3, 1, 2)
 
 
 class AttentionPool2d(nn.Module):
@@ -296,9 +320,15 @@ class _Network(nn.Module):
         resolved = ops.resolve_backend(backend, device)
         self.backend_request, self.backend = backend, resolved
         for m in self.modules():
-            if isinstance(m, (GroupNorm32, AttentionBlock, AttentionPool2d)):
+            if isinstance(m, (GroupNorm32, AttentionBlock, AttentionPool2d, Conv2d)):
                 m.backend = resolved
         return self
+
+    def _layout(self, h: torch.Tensor) -> torch.Tensor:
+        """The torso's activation layout: channels_last on the onednn backend."""
+        if self.backend == "onednn" and h.ndim == 4:
+            return h.contiguous(memory_format=torch.channels_last)
+        return h
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
@@ -489,7 +519,7 @@ class UNet(_Network):
                 raise ValueError(f"y of shape {tuple(y.shape)}: expected ({n},) class labels")
             emb = emb + self.label_emb(y)
         skips = []
-        h = x.to(self.dtype)
+        h = self._layout(x.to(self.dtype))
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
@@ -497,7 +527,7 @@ class UNet(_Network):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         # out = GroupNorm, SiLU, conv
-        return self.out[2](self.out[0].fused(h.to(x.dtype), silu=True))
+        return self.out[2](self.out[0].fused(h.to(x.dtype), silu=True)).contiguous()
 
 
 class SuperResUNet(UNet):
@@ -580,7 +610,7 @@ class Classifier(_Network):
         )
         spatial = self.config.pool.startswith("spatial")
         means = []
-        h = x.to(self.dtype)
+        h = self._layout(x.to(self.dtype))
         for block in self.input_blocks:
             h = block(h, emb)
             if spatial:

@@ -3,7 +3,7 @@
 from .checkpoint import CheckpointError, create_model, load_model, save_checkpoint
 from .config import PRESETS as presets
 from .config import ClassifierConfig, Preset, SuperResConfig, UNetConfig
-from .pipeline import Generation, Pipeline, sample, sample_seed, to_uint8
+from .pipeline import Generation, NonFiniteError, Pipeline, sample, sample_seed, to_uint8
 from .schedule import Diffusion
 from .unet import Classifier, SuperResUNet, UNet
 
@@ -13,6 +13,7 @@ __all__ = [
     "ClassifierConfig",
     "Diffusion",
     "Generation",
+    "NonFiniteError",
     "Pipeline",
     "Preset",
     "SuperResConfig",

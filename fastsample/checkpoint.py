@@ -155,6 +155,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             (line for line in reason if "Unsupported" in line or "global" in line.lower()),
             reason[0] if reason else "",
         )
+        if "GLOBAL" not in str(e) and "global" not in detail.lower():
+            # not a pickle that asks for code: bytes that are no pickle at all
+            raise CheckpointError(
+                f"{path} cannot be read (truncated or corrupt?): not a torch checkpoint "
+                f"({detail.strip()})"
+            ) from None
         raise CheckpointError(
             f"refusing to load {path}: it needs Python code to run while unpickling, and "
             f"fastsample loads checkpoints with weights_only=True only ({detail.strip()}). "
@@ -306,10 +312,26 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # and the rename itself survives a crash
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # (platforms without directory handles)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

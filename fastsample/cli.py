@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import warnings
 
 import click
 
+from . import __version__
 from .checkpoint import CheckpointError
 
 
@@ -28,8 +30,16 @@ def _one_line_errors(fn):
             sys.exit(2)
         except RuntimeError as e:
             from .export.bundle import BackendUnavailable
+            from .pipeline import NonFiniteError
 
-            if not isinstance(e, BackendUnavailable):
+            if not isinstance(e, (BackendUnavailable, NonFiniteError)):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except Exception as e:
+            from .runs import RunError
+
+            if not isinstance(e, RunError):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -180,7 +190,12 @@ Examples:
     "cache); with --model EXPORT_DIR, default: the export's own backend.",
 )
 @click.option("--out", "out_dir", default="samples", show_default=True, help="Output directory.")
-@click.option("--overwrite", is_flag=True, help="Replace samples.npz / grid.png in --out.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a run in --out made with other settings (default: resume a run with the "
+    "same settings, refuse one with others).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def sample_cmd(
@@ -202,16 +217,24 @@ def sample_cmd(
     overwrite,
     quiet,
 ) -> None:
-    """Generate images; writes OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels) and
-    OUT/grid.png. --model also takes a `fastsample export` directory."""
+    """Generate images into OUT: shards, then OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels)
+    and OUT/grid.png. Rerunning the same command resumes an interrupted run; under torchrun
+    the batches are spread over the processes. --model also takes a `fastsample export`
+    directory."""
     from pathlib import Path
 
     import numpy as np
     import torch
 
+    from . import runs
     from .config import DEMO_UNET, PRESETS
     from .pipeline import Pipeline
 
+    for name, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} {value}: expected a positive integer")
+    if seed < 0:
+        raise ValueError(f"--seed {seed}: expected a non-negative integer")
     if model is None:
         model, classifier = DEMO_UNET, classifier or PRESETS[DEMO_UNET].classifier
     if device is None:
@@ -219,20 +242,20 @@ def sample_cmd(
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available here")
     torch_device = torch.device(device)
+    if torch_device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch_device = torch.device("cuda", runs.local_rank())  # one GPU per torchrun process
+        torch.cuda.set_device(torch_device)
     if dtype == "auto":
         torch_dtype = None if torch_device.type == "cuda" else torch.float32
     else:
         torch_dtype = getattr(torch, _DTYPES[dtype])
     out = Path(out_dir)
-    if not overwrite:
-        for name in ("samples.npz", "grid.png"):
-            if (out / name).exists():
-                raise FileExistsError(f"{out / name} exists; pass --overwrite or another --out")
+    _check_writable(out)
     labels = _parse_classes(classes)
     low = None
     if low_res is not None:
         try:
-            with np.load(low_res) as data:
+            with np.load(low_res, allow_pickle=False) as data:
                 low = data["arr_0"]
                 if labels is None and "arr_1" in data:
                     labels = data["arr_1"].tolist()
@@ -257,24 +280,98 @@ def sample_cmd(
             guidance_scale=scale,
             backend=backend or "eager",
         )
-    result = pipe.generate(
+    # Whatever generate() would refuse, refused now, before --out is touched.
+    pipe.check(num_samples, batch_size, labels, None, sampler, steps, seed, low)
+    settings = {
+        "model": _identity(model),
+        "classifier": _identity(classifier) if classifier is not None else None,
+        "scale": pipe.guidance_scale,
+        "steps": steps,
+        "sampler": sampler,
+        "eta": eta,
+        "classes": labels,
+        "seed": seed,
+        "dtype": str(pipe.model.dtype if pipe.model is not None else "export"),
+        "device": torch_device.type,
+        "backend": pipe.backend,
+        "low_res": _identity(low_res) if low_res is not None else None,
+        "fastsample": __version__,
+    }
+
+    def generate(first: int, count: int):
+        result = pipe.generate(
+            count,
+            batch_size=count,
+            classes=labels,
+            sampler=sampler,
+            steps=steps,
+            eta=eta,
+            seed=seed,
+            progress=not quiet and os.environ.get("RANK", "0") == "0",  # one bar per job
+            low_res=None if low is None else low[first : first + count],
+            first_index=first,
+        )
+        return result.images, result.labels
+
+    done = runs.run(
+        out,
+        settings,
         num_samples,
-        batch_size=batch_size,
-        classes=labels,
-        sampler=sampler,
-        steps=steps,
-        eta=eta,
-        seed=seed,
-        progress=not quiet,
-        low_res=low,
+        batch_size,
+        generate,
+        overwrite=overwrite,
+        device_type=torch_device.type,
+        log=lambda line: click.echo(line, err=True),
     )
-    paths = result.save(out, overwrite=overwrite)
-    message = f"wrote {len(result.images)} images to {paths['npz']} and {paths['grid']}"
-    if result.labels is not None:
-        distinct = sorted(set(result.labels.tolist()))
+    if not done.complete:
+        return  # a torchrun rank other than 0: rank 0 merges and reports
+    message = f"wrote {num_samples} images to {done.paths['npz']} and {done.paths['grid']}"
+    if done.resumed:
+        message += f" ({done.resumed} were already there)"
+    if done.labels is not None:
+        distinct = sorted(set(done.labels.tolist()))
         shown = ",".join(map(str, distinct)) if len(distinct) <= 10 else f"{len(distinct)} classes"
         message += f" (labels: {shown})"
     click.echo(message)
+
+
+def _identity(spec) -> dict:
+    """What a model argument is, for the run record: a file's sha256 (an export directory's
+    manifest), else the preset name."""
+    from pathlib import Path
+
+    from . import runs
+    from .config import PRESETS
+
+    path = Path(str(spec))
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return {"export": runs.file_sha256(path / "manifest.json")}
+    if path.is_file():
+        return {"sha256": runs.file_sha256(path)}
+    preset = PRESETS.get(str(spec))
+    if preset is not None and preset.weights:
+        from .demo import WEIGHTS_DIR
+
+        return {"preset": str(spec), "sha256": runs.file_sha256(WEIGHTS_DIR / preset.weights)}
+    return {"preset": str(spec), "weights": "random"}
+
+
+def _check_writable(out) -> None:
+    """Fail before any model is loaded where --out cannot take files (creating nothing)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 @main.command(

@@ -178,6 +178,17 @@ def sample(
             m.train(training)
 
 
+def check_classifier_fits(clf_cfg, channels: int, height: int, width: int) -> None:
+    """The guidance classifier must read the images the model makes."""
+    size = clf_cfg.image_size
+    if (clf_cfg.in_channels, size, size) != (channels, height, width):
+        raise ValueError(
+            f"the classifier reads {clf_cfg.in_channels}-channel {size}x{size} images but the "
+            f"model makes {channels}-channel {height}x{width} ones: use the classifier trained "
+            "at the model's resolution"
+        )
+
+
 def _check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, device):
     """Validate a sampling request -> (labels, labels for the model, low_res on device)."""
     if sampler not in samplers.SAMPLERS:
@@ -191,6 +202,8 @@ def _check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, devi
     guided = clf_cfg is not None and guidance_scale != 0
     if guidance_scale != 0 and clf_cfg is None:
         raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
+    if guided:
+        check_classifier_fits(clf_cfg, shape[1], shape[2], shape[3])
     if y is None and (conditional or guided):
         raise ValueError(
             "class labels y are needed: "
@@ -309,6 +322,33 @@ def _sample_exported(
     )
 
 
+class NonFiniteError(RuntimeError):
+    """Sampling produced NaN or inf; the message names the samples and the step."""
+
+
+class _FiniteWatch:
+    """A step callback that notes, on the device and without synchronizing, the first step
+    whose x_t is not finite; first_bad(final) then answers with one synchronization."""
+
+    def __init__(self, then):
+        self.then = then
+        self.first = None  # device tensor: the first bad step, or -1
+
+    def __call__(self, k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        bad = ~torch.isfinite(x).all()
+        if self.first is None:
+            self.first = torch.full((), -1, dtype=torch.int64, device=x.device)
+        self.first = torch.where(bad & (self.first < 0), k, self.first)
+        if self.then is not None:
+            self.then(k, x, x0)
+
+    def first_bad(self, final: torch.Tensor) -> int | None:
+        first = -1 if self.first is None else int(self.first)
+        if first < 0 and not bool(torch.isfinite(final).all()):
+            first = 0  # (no callback ran)
+        return first if first >= 0 else None
+
+
 @dataclass
 class Generation:
     """Images (uint8 NHWC) and their class labels (None when no labels were used)."""
@@ -412,6 +452,9 @@ class Pipeline:
         self._engine = None
         self.config = model.config
         self.classifier_config = classifier.config if classifier is not None else None
+        if classifier is not None:
+            size = model.config.image_size
+            check_classifier_fits(classifier.config, model.config.in_channels, size, size)
         self.preset = model.preset
         if classifier is None and guidance_scale:
             raise ValueError(f"guidance_scale={float(guidance_scale)} needs a classifier")
@@ -556,6 +599,68 @@ class Pipeline:
         for "ddimN" specs and "ddpm" otherwise. low_res (upsamplers): N low-resolution images,
         uint8 NHWC or float [N, C, h, w].
         """
+        diffusion, sampler, scale, labels, low = self._request(
+            num_samples, batch_size, classes, guidance_scale, sampler, steps, seed, low_res,
+            first_index,
+        )  # fmt: skip
+        cfg = self.config
+        net, clf = self._networks(diffusion, scale != 0)
+        images = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num_samples * diffusion.num_steps, desc="sampling", unit="step")
+
+        def tick(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+            bar.update(x.shape[0])  # one step of every image in the batch
+
+        try:
+            for start in range(0, num_samples, batch_size):
+                idx = range(start, min(start + batch_size, num_samples))
+                watch = _FiniteWatch(tick if bar is not None else None)
+                kwargs = dict(
+                    y=None if labels is None else torch.from_numpy(labels[start : idx.stop]),
+                    low_res=None if low is None else low[start : idx.stop],
+                    sampler=sampler,
+                    eta=eta,
+                    classifier=clf,
+                    guidance_scale=scale,
+                    clip_denoised=clip_denoised,
+                    seed=[sample_seed(seed, first_index + i) for i in idx],
+                )
+                run = self._fast_sample if self._use_fast() else sample
+                shape = (len(idx), cfg.in_channels, cfg.image_size, cfg.image_size)
+                x = run(net, diffusion, shape, callback=watch, backend=self.backend, **kwargs)
+                step = watch.first_bad(x)
+                if step is not None:
+                    where = f"samples {first_index + start}..{first_index + idx.stop - 1}"
+                    x = self._retry_in_fp32(diffusion, shape, kwargs, where, step)
+                images.append(to_uint8(x).cpu().numpy())
+        finally:
+            if bar is not None:
+                bar.close()
+        return Generation(np.concatenate(images), labels)
+
+    def check(
+        self,
+        num_samples: int,
+        batch_size: int = 16,
+        classes: int | Sequence[int] | None = None,
+        guidance_scale: float | None = None,
+        sampler: samplers.SamplerName | None = None,
+        steps: str | int | None = None,
+        seed: int = 0,
+        low_res: np.ndarray | torch.Tensor | None = None,
+    ) -> None:
+        """Raise ValueError where generate() with these arguments would, without sampling."""
+        self._request(num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
+                      low_res, 0)  # fmt: skip
+
+    def _request(self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
+                 low_res, first_index):  # fmt: skip
+        """generate()'s arguments checked and resolved: (diffusion, sampler, scale, labels,
+        low_res)."""
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r}: expected a positive integer")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -576,42 +681,39 @@ class Pipeline:
             raise ValueError(f"guidance_scale={scale} needs a classifier")
         labels = self._labels(num_samples, classes, seed, first_index)
         low = self._low_res(low_res, num_samples)
-        cfg = self.config
-        net, clf = self._networks(diffusion, scale != 0)
-        images = []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        return diffusion, sampler, scale, labels, low
 
-            bar = tqdm(total=num_samples * diffusion.num_steps, desc="sampling", unit="step")
-
-        def tick(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-            bar.update(x.shape[0])  # one step of every image in the batch
-
+    def _retry_in_fp32(self, diffusion, shape, kwargs, where: str, step: int) -> torch.Tensor:
+        """A batch went NaN/inf (fp16 overflow): sample it again in float32, or say so."""
+        n = diffusion.num_steps
+        dtype = self.model.dtype if self.model is not None else None
+        if dtype is None or dtype == torch.float32 or self.backend != "eager":
+            precision = str(dtype or "the exported graphs' precision").replace("torch.", "")
+            raise NonFiniteError(
+                f"{where}: sampling produced NaN/inf at step {step} of {n} in {precision}; "
+                "no image was written for them"
+                + ("" if dtype == torch.float32 else " (export in bf16 or fp32 instead)")
+            )
+        name = str(dtype).replace("torch.", "")
+        warnings.warn(
+            f"{where}: NaN/inf at step {step} of {n} in {name} (overflow); sampling this batch "
+            "again in float32 (use --dtype bf16 or fp32 to avoid it)",
+            stacklevel=3,
+        )
+        self._engine = None  # its captured graphs hold the low-precision weights
+        self.model.set_precision(torch.float32)
         try:
-            for start in range(0, num_samples, batch_size):
-                idx = range(start, min(start + batch_size, num_samples))
-                run = self._fast_sample if self._use_fast() else sample
-                x = run(
-                    net,
-                    diffusion,
-                    (len(idx), cfg.in_channels, cfg.image_size, cfg.image_size),
-                    y=None if labels is None else torch.from_numpy(labels[start : idx.stop]),
-                    low_res=None if low is None else low[start : idx.stop],
-                    sampler=sampler,
-                    eta=eta,
-                    classifier=clf,
-                    guidance_scale=scale,
-                    clip_denoised=clip_denoised,
-                    seed=[sample_seed(seed, first_index + i) for i in idx],
-                    callback=tick if bar is not None else None,
-                    backend=self.backend,
-                )
-                images.append(to_uint8(x).cpu().numpy())
+            watch = _FiniteWatch(None)
+            x = sample(self.model, diffusion, shape, callback=watch, **kwargs)
         finally:
-            if bar is not None:
-                bar.close()
-        return Generation(np.concatenate(images), labels)
+            self.model.set_precision(dtype)
+        again = watch.first_bad(x)
+        if again is not None:
+            raise NonFiniteError(
+                f"{where}: sampling produced NaN/inf at step {again} of {n} even in float32; "
+                "no image was written for them"
+            )
+        return x
 
     def _labels(self, n: int, classes, seed: int, first: int) -> np.ndarray | None:
         if not self.needs_labels:

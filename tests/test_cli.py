@@ -103,7 +103,14 @@ def test_sample_writes_the_evaluator_format_and_a_grid(tiny_checkpoints, tmp_pat
     grid = Image.open(out / "grid.png")
     assert grid.size == (3 * 16, 2 * 16)
     assert len(images.reshape(5, -1).std(axis=1).nonzero()[0]) == 5  # not blank images
-    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "samples.npz"]  # no temporaries
+    # the merged files, the run record and the shards; no temporaries
+    assert sorted(p.name for p in out.iterdir()) == [
+        "grid.png",
+        "run.json",
+        "samples.npz",
+        "shards",
+    ]
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_sample_is_reproducible_and_batch_size_independent(tiny_checkpoints, tmp_path):
@@ -131,7 +138,7 @@ def test_sample_is_reproducible_and_batch_size_independent(tiny_checkpoints, tmp
         (["--classes", "3,12"], "class labels [12] out of range: expected integers in 0..9"),
         (["--classes", "three"], "--classes 'three': expected comma-separated integer"),
         (["--scale", "2"], "guidance_scale=2.0 needs a classifier"),
-        (["--num-samples", "0"], "num_samples=0: expected a positive integer"),
+        (["--num-samples", "0"], "--num-samples 0: expected a positive integer"),
         (["--device", "cuda:7"], None),
     ],
 )
@@ -156,7 +163,8 @@ def test_sample_refuses_unknown_model_and_keeps_existing_files(tiny_checkpoints,
     assert "model 'nope' is neither an existing checkpoint file nor a preset" in result.output
     (tmp_path / "samples.npz").write_bytes(b"earlier results")
     result = CliRunner().invoke(main, _sample_args(tiny_checkpoints, tmp_path))
-    assert result.exit_code == 2 and "exists; pass --overwrite" in result.output
+    assert result.exit_code == 2 and "holds samples from another run" in result.output
+    assert "pass --overwrite" in result.output
     assert (tmp_path / "samples.npz").read_bytes() == b"earlier results"
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fastsample.checkpoint import file_sha256 as sha256_file
 from fastsample.config import config_to_dict
 from fastsample.schedule import Diffusion
 from fastsample.unet import Classifier, UNet
@@ -56,14 +57,6 @@ class BackendUnavailable(RuntimeError):
 
 class IntegrityError(ExportError):
     """A file of an export is missing or differs from its manifest's sha256."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

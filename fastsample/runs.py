@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, file_sha256
 
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
@@ -74,14 +74,6 @@ def plan(num_samples: int, batch_size: int) -> list[Shard]:
 
 def run_id(settings: dict) -> str:
     return hashlib.sha256(_canonical(settings).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _canonical(obj) -> str:

@@ -25,6 +25,13 @@ ARGS = ["--num-samples", "12", "--batch-size", "2", "--steps", "4", "--quiet", "
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
+def _torchrun(out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "fastsample", "sample", *ARGS, "--out", str(out),
+    ]  # fmt: skip
+
+
 def _cli(out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fastsample", "sample", *ARGS, "--out", str(out), *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
@@ -135,11 +142,7 @@ def test_other_settings_are_refused_unless_overwrite(uninterrupted, tmp_path):
 def test_torchrun_two_gloo_processes_equal_one(uninterrupted, tmp_path):
     whole, _ = uninterrupted
     out = tmp_path / "dist"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "fastsample", "sample", *ARGS, "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    proc = subprocess.run(_torchrun(out), capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("wrote 12 images") == 1  # rank 0 reports
     assert _files(out) == _files(whole)
@@ -215,12 +218,8 @@ def test_torchrun_killed_midway_resumes_in_one_process(uninterrupted, tmp_path):
     finishes the run with the uninterrupted bytes."""
     whole, seconds = uninterrupted
     out = tmp_path / "dist"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "fastsample", "sample", *ARGS, "--out", str(out),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    proc = subprocess.Popen(_torchrun(out), env=ENV, start_new_session=True, **quiet)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list((out / runs.SHARD_DIR).glob("*.json"))) >= 2 if out.exists() else False:

@@ -298,6 +298,16 @@ def sample_cmd(
         "fastsample": __version__,
     }
 
+    bar = None
+    num_steps = (pipe.diffusion if steps is None else pipe.diffusion.respaced(steps)).num_steps
+
+    def start(samples: int) -> None:
+        nonlocal bar
+        if samples and not quiet and os.environ.get("RANK", "0") == "0":  # one bar per job
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=samples * num_steps, desc="sampling", unit="step")
+
     def generate(first: int, count: int):
         result = pipe.generate(
             count,
@@ -307,27 +317,38 @@ def sample_cmd(
             steps=steps,
             eta=eta,
             seed=seed,
-            progress=not quiet and os.environ.get("RANK", "0") == "0",  # one bar per job
+            progress=bar or False,
             low_res=None if low is None else low[first : first + count],
             first_index=first,
         )
         return result.images, result.labels
 
-    done = runs.run(
-        out,
-        settings,
-        num_samples,
-        batch_size,
-        generate,
-        overwrite=overwrite,
-        device_type=torch_device.type,
-        log=lambda line: click.echo(line, err=True),
-    )
+    try:
+        done = runs.run(
+            out,
+            settings,
+            num_samples,
+            batch_size,
+            generate,
+            overwrite=overwrite,
+            device_type=torch_device.type,
+            log=lambda line: click.echo(line, err=True),
+            on_start=start,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     if not done.complete:
         return  # a torchrun rank other than 0: rank 0 merges and reports
-    message = f"wrote {num_samples} images to {done.paths['npz']} and {done.paths['grid']}"
-    if done.resumed:
-        message += f" ({done.resumed} were already there)"
+    if done.generated == 0 and done.resumed == num_samples:
+        message = (
+            f"{out} holds this run complete: {num_samples} images in {done.paths['npz']} and "
+            f"{done.paths['grid']}"
+        )
+    else:
+        message = f"wrote {num_samples} images to {done.paths['npz']} and {done.paths['grid']}"
+        if done.resumed:
+            message += f" ({done.resumed} were already there)"
     if done.labels is not None:
         distinct = sorted(set(done.labels.tolist()))
         shown = ",".join(map(str, distinct)) if len(distinct) <= 10 else f"{len(distinct)} classes"

@@ -585,7 +585,7 @@ class Pipeline:
         steps: str | int | None = None,
         eta: float = 0.0,
         seed: int = 0,
-        progress: bool = True,
+        progress: bool | Any = True,
         low_res: np.ndarray | torch.Tensor | None = None,
         clip_denoised: bool = True,
         first_index: int = 0,
@@ -597,7 +597,8 @@ class Pipeline:
         class; a sequence is used in order (and repeated). steps: a respacing spec ("250",
         "ddim25", ...; default: the preset's). sampler: without steps, the preset's; else "ddim"
         for "ddimN" specs and "ddpm" otherwise. low_res (upsamplers): N low-resolution images,
-        uint8 NHWC or float [N, C, h, w].
+        uint8 NHWC or float [N, C, h, w]. progress: True for a bar of this call, or a bar of the
+        caller's (anything with update(n)) to advance by one per image and step.
         """
         diffusion, sampler, scale, labels, low = self._request(
             num_samples, batch_size, classes, guidance_scale, sampler, steps, seed, low_res,
@@ -607,10 +608,13 @@ class Pipeline:
         net, clf = self._networks(diffusion, scale != 0)
         images = []
         bar = None
-        if progress:
+        own_bar = progress is True
+        if own_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=num_samples * diffusion.num_steps, desc="sampling", unit="step")
+        elif progress is not False and progress is not None:
+            bar = progress
 
         def tick(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
             bar.update(x.shape[0])  # one step of every image in the batch
@@ -638,7 +642,7 @@ class Pipeline:
                     x = self._retry_in_fp32(diffusion, shape, kwargs, where, step)
                 images.append(to_uint8(x).cpu().numpy())
         finally:
-            if bar is not None:
+            if own_bar:
                 bar.close()
         return Generation(np.concatenate(images), labels)
 

@@ -181,12 +181,14 @@ def run(
     overwrite: bool = False,
     device_type: str = "cpu",
     log: Callable[[str], None] = print,
+    on_start: Callable[[int], None] | None = None,
     on_shard: Callable[[Shard], None] | None = None,
 ) -> RunResult:
     """Generate num_samples images into out_dir (see the module doc), resuming what is there.
 
     settings: everything that decides the images (JSON-able); generate(first, count) makes one
-    batch; on_shard(shard) is called after each shard is durably written."""
+    batch; on_start(n) is told how many samples this process will generate; on_shard(shard)
+    is called after each shard is durably written."""
     out = Path(out_dir)
     shards = plan(num_samples, batch_size)
     meta = {
@@ -213,6 +215,8 @@ def run(
         raise RunError(problem)
     resumed = sum(s.count for s in shards) - sum(shards[i].count for i in todo)
     mine = [shards[i] for i in todo if i % group.world == group.rank]
+    if on_start is not None:
+        on_start(sum(s.count for s in mine))
     generated = 0
     for shard in mine:
         images, labels = generate(shard.first, shard.count)
@@ -228,6 +232,10 @@ def run(
     if group.rank != 0:
         return result
     try:
+        if not todo and _merged_intact(out, rid):
+            result.labels = _merged_labels(out)  # a finished run, found as it was left
+            result.complete = True
+            return result
         result.labels = _merge(out, shards, rid, meta)
     except OSError as e:
         raise RunError(_describe(e, out)) from None
@@ -351,6 +359,28 @@ def _write_shard(out: Path, shard: Shard, rid: str, images, labels) -> None:
         _durable_write(record, (json.dumps(meta) + "\n").encode())
     except OSError as e:
         raise RunError(_describe(e, out)) from None
+
+
+def _merged_intact(out: Path, rid: str) -> bool:
+    """The run record says complete and the merged files still have its hashes."""
+    try:
+        record = json.loads((out / RUN_FILE).read_text())
+        hashes = record.get("sha256") or {}
+        return (
+            record.get("run_id") == rid
+            and record.get("complete") is True
+            and all(
+                (out / name).is_file() and file_sha256(out / name) == hashes.get(name)
+                for name in MERGED
+            )
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _merged_labels(out: Path) -> np.ndarray | None:
+    with np.load(out / MERGED[0], allow_pickle=False) as data:
+        return data["arr_1"] if "arr_1" in data.files else None
 
 
 def _merge(out: Path, shards: list[Shard], rid: str, meta: dict) -> np.ndarray | None:

@@ -74,9 +74,12 @@ def test_run_layout_and_record(uninterrupted):
 def test_rerun_of_a_complete_run_keeps_it(uninterrupted, tmp_path):
     out, _ = uninterrupted
     before = _files(out)
+    stamps = {name: (out / name).stat().st_mtime_ns for name in runs.MERGED}
     proc = _cli(out)
-    assert "(12 were already there)" in proc.stdout
+    assert "holds this run complete: 12 images" in proc.stdout
     assert _files(out) == before
+    # found intact, not rewritten
+    assert stamps == {name: (out / name).stat().st_mtime_ns for name in runs.MERGED}
 
 
 def test_sigkill_at_random_moments_then_resume_gives_the_same_bytes(uninterrupted, tmp_path):

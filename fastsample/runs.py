@@ -265,7 +265,12 @@ def _prepare(out: Path, meta: dict, rid: str, overwrite: bool) -> None:
         try:
             old = json.loads(record.read_text())
         except (OSError, ValueError):
-            old = {"settings": "unreadable"}
+            if not overwrite:
+                raise RunError(
+                    f"{record} cannot be read (damaged?); pass --overwrite to start the run "
+                    "over, or choose another --out"
+                ) from None
+            old = {}
     elif any((out / name).exists() for name in MERGED):
         if not overwrite:
             raise RunError(
@@ -289,8 +294,12 @@ def _prepare(out: Path, meta: dict, rid: str, overwrite: bool) -> None:
         out.mkdir(parents=True, exist_ok=True)
         _durable_write(record, (json.dumps({**meta, "run_id": rid}, indent=2) + "\n").encode())
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-    for stale in (out / SHARD_DIR).glob(".*.tmp"):  # left by a process that was killed
-        stale.unlink(missing_ok=True)
+    # Temporaries left by a process that was killed (only this module's own names).
+    stale = [*(out / SHARD_DIR).glob(".*.tmp")]
+    for name in (*MERGED, RUN_FILE):
+        stale += out.glob(f".{name}.*.tmp")
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def _differences(old: dict, new: dict) -> str:

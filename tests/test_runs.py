@@ -233,3 +233,27 @@ def test_torchrun_killed_midway_resumes_in_one_process(uninterrupted, tmp_path):
     assert not (out / "samples.npz").exists()
     _cli(out)
     assert _files(out) == _files(whole)
+
+
+def _fake(first: int, count: int):
+    """A batch whose pixels are a function of the sample index (no model needed)."""
+    index = np.arange(first, first + count)
+    images = np.broadcast_to((index % 251).astype(np.uint8)[:, None, None, None], (count, 4, 4, 3))
+    return images.copy(), index.astype(np.int64)
+
+
+def test_damaged_record_and_stale_temporaries(tmp_path):
+    out = tmp_path / "run"
+    runs.run(out, {"k": 1}, 5, 2, _fake, log=lambda line: None)
+    expected = _files(out)
+    (out / runs.SHARD_DIR / ".000001.npz.abc.tmp").write_bytes(b"partial")
+    (out / ".samples.npz.xyz.tmp").write_bytes(b"partial")
+    (out / runs.RUN_FILE).write_text("{ not json")
+    with pytest.raises(runs.RunError, match="cannot be read .*--overwrite"):
+        runs.run(out, {"k": 1}, 5, 2, _fake, log=lambda line: None)
+    done = runs.run(out, {"k": 1}, 5, 2, _fake, overwrite=True, log=lambda line: None)
+    assert done.complete and done.generated == 5 and done.resumed == 0
+    assert _files(out) == expected
+    assert not list(out.rglob("*.tmp"))
+    with np.load(out / "samples.npz") as data:
+        assert data["arr_1"].tolist() == [0, 1, 2, 3, 4]

@@ -15,8 +15,9 @@ generated; a shard is one batch with the same per-sample seeds, so the merged fi
 bit-identical to an uninterrupted run with the same batch size. A rerun with other settings is
 refused unless overwrite is asked for.
 
-Under torchrun (WORLD_SIZE > 1) shard b goes to rank b % world_size; rank 0 plans, waits for
-every rank, and merges. A rank that dies leaves a resumable run.
+Under torchrun (WORLD_SIZE > 1) the missing shards are dealt out to the ranks in turn (shard
+order, so the k-th missing shard goes to rank k % world_size); rank 0 plans, waits for every
+rank, and merges. A rank that dies leaves a resumable run.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class _Group:
 
             import torch.distributed as dist
 
-            if not dist.is_initialized():
+            self._owned = not dist.is_initialized()
+            if self._owned:
                 backend = "nccl" if device_type == "cuda" else "gloo"
                 # The last barrier waits for the slowest rank's last batch: allow hours.
                 dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
@@ -155,6 +157,11 @@ class _Group:
     def barrier(self) -> None:
         if self._dist is not None:
             self._dist.barrier()
+
+    def close(self) -> None:
+        if self._dist is not None and self._owned:
+            self._dist.destroy_process_group()
+        self._dist = None
 
 
 def local_rank() -> int:
@@ -200,6 +207,15 @@ def run(
     }
     rid = run_id(meta)
     group = _Group(device_type)
+    try:
+        return _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_shard)
+    finally:
+        group.close()
+
+
+def _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_shard):
+    """run() inside its process group: rank 0 plans, every rank generates its share, rank 0
+    merges."""
     problem = None
     todo: list[int] = []
     if group.rank == 0:
@@ -214,7 +230,7 @@ def run(
     if problem is not None:
         raise RunError(problem)
     resumed = sum(s.count for s in shards) - sum(shards[i].count for i in todo)
-    mine = [shards[i] for i in todo if i % group.world == group.rank]
+    mine = [shards[i] for i in todo[group.rank :: group.world]]  # dealt out in turn
     if on_start is not None:
         on_start(sum(s.count for s in mine))
     generated = 0

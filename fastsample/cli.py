@@ -267,7 +267,9 @@ def sample_cmd(
         if dtype != "auto":
             raise ValueError("--dtype: an export's precision is fixed when it is exported")
         pipe = Pipeline.from_export(
-            model, backend=None if backend in (None, "eager") else backend, device=device
+            model,
+            backend=None if backend in (None, "eager") else backend,
+            device=str(torch_device),  # (under torchrun: this rank's GPU)
         )
         if scale is not None:
             pipe.guidance_scale = scale

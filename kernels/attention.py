@@ -80,6 +80,17 @@ def launch_config(
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32: in true float32 (no TF32) where IEEE, else with a cast to
+    b's dtype (the tensor cores' input)."""
+    if IEEE:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        out = tl.dot(a.to(b.dtype), b)
+    return out
+
+
+@triton.jit
 def _forward_kernel(
     QKV, OUT, LSE,
     H, T, TQ, D,
@@ -112,20 +123,14 @@ def _forward_kernel(
         mask_n = cols < T
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_d[None, :] * s_c + cols[:, None] * s_t, mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
+        s = _dot(q, tl.trans(k), IEEE)
         s = tl.where(mask_n[None, :], s * sm_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + offs_d[None, :] * s_c + cols[:, None] * s_t, mask=kv_mask, other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
     o_base = OUT + b * o_b + h * D * o_c
@@ -176,9 +181,6 @@ def _dkdv_kernel(
     v_base = k_base + KV_OFFSET * s_c
     k = tl.load(k_base + offs_d[None, :] * s_c + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
     v = tl.load(v_base + offs_d[None, :] * s_c + offs_n[:, None] * s_t, mask=kv_mask, other=0.0)
-    if IEEE:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     do_base = DOUT + b * o_b + h * D * o_c
@@ -190,25 +192,13 @@ def _dkdv_kernel(
         do = tl.load(do_base + offs_d[None, :] * o_c + rows[:, None] * o_t, mask=q_mask, other=0.0)
         lse = tl.load(LSE + bh * TQ + rows, mask=mask_m, other=0.0)
         delta = tl.load(DELTA + bh * TQ + rows, mask=mask_m, other=0.0)
-        if IEEE:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-        else:
-            s = tl.dot(q, tl.trans(k)) * sm_scale
+        s = _dot(q, tl.trans(k), IEEE) * sm_scale
         p = tl.exp(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
-        if IEEE:
-            dv += tl.dot(tl.trans(p), do, input_precision="ieee")
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-            dp = tl.dot(do, tl.trans(v))
+        dv += _dot(tl.trans(p), do, IEEE)
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None]) * sm_scale
-        if IEEE:
-            dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
-        else:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += _dot(tl.trans(ds), q, IEEE)
     gk = DQKV + b * g_b + (h * HEAD_STRIDE + KV_OFFSET) * g_c
     gv = gk + KV_OFFSET * g_c
     ty = DQKV.dtype.element_ty
@@ -240,9 +230,6 @@ def _dq_kernel(
     q = tl.load(q_base + offs_d[None, :] * s_c + offs_m[:, None] * s_t, mask=q_mask, other=0.0)
     do_base = DOUT + b * o_b + h * D * o_c
     do = tl.load(do_base + offs_d[None, :] * o_c + offs_m[:, None] * o_t, mask=q_mask, other=0.0)
-    if IEEE:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
     lse = tl.load(LSE + bh * TQ + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + bh * TQ + offs_m, mask=mask_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -252,21 +239,12 @@ def _dq_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_base + offs_d[None, :] * s_c + cols[:, None] * s_t, mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_d[None, :] * s_c + cols[:, None] * s_t, mask=kv_mask, other=0.0)
-        if IEEE:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-            dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k)) * sm_scale
-            dp = tl.dot(do, tl.trans(v))
+        s = _dot(q, tl.trans(k), IEEE) * sm_scale
+        dp = _dot(do, tl.trans(v), IEEE)
         p = tl.exp(s - lse[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)
         ds = p * (dp - delta[:, None]) * sm_scale
-        if IEEE:
-            dq += tl.dot(ds, k, input_precision="ieee")
-        else:
-            dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds, k, IEEE)
     gq = DQKV + b * g_b + h * HEAD_STRIDE * g_c
     tl.store(
         gq + offs_d[None, :] * g_c + offs_m[:, None] * g_t,

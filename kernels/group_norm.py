@@ -80,6 +80,25 @@ def _block(hw: int) -> int:
 
 
 @triton.jit
+def _channel_affine(W, B, SCALE, SHIFT, n, ssn, ch, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    HAS_SS: tl.constexpr):  # fmt: skip
+    """Channel ch's weight, bias and (sample n's) 1 + scale and shift, in float32; the
+    identity where absent."""
+    w = 1.0
+    b = 0.0
+    sc = 1.0
+    sh = 0.0
+    if HAS_W:
+        w = tl.load(W + ch).to(tl.float32)
+    if HAS_B:
+        b = tl.load(B + ch).to(tl.float32)
+    if HAS_SS:
+        sc = 1.0 + tl.load(SCALE + n * ssn + ch).to(tl.float32)
+        sh = tl.load(SHIFT + n * ssn + ch).to(tl.float32)
+    return w, b, sc, sh
+
+
+@triton.jit
 def _forward_kernel(
     X, Y, W, B, SCALE, SHIFT, MEAN, RSTD,
     HW, G, CPG,
@@ -114,19 +133,9 @@ def _forward_kernel(
     y_group = Y + n * syn + g * CPG * syc
     for c in range(0, CPG):
         ch = g * CPG + c
-        w = 1.0
-        b = 0.0
-        if HAS_W:
-            w = tl.load(W + ch).to(tl.float32)
-        if HAS_B:
-            b = tl.load(B + ch).to(tl.float32)
+        w, b, sc, sh = _channel_affine(W, B, SCALE, SHIFT, n, ssn, ch, HAS_W, HAS_B, HAS_SS)
         a = w * rstd
         a0 = b - mean * a
-        sc = 1.0
-        sh = 0.0
-        if HAS_SS:
-            sc = 1.0 + tl.load(SCALE + n * ssn + ch).to(tl.float32)
-            sh = tl.load(SHIFT + n * ssn + ch).to(tl.float32)
         for start in range(0, HW, BLOCK):
             idx = start + offs
             mask = idx < HW
@@ -160,17 +169,7 @@ def _backward_kernel(
     sum2 = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(0, CPG):
         ch = g * CPG + c
-        w = 1.0
-        b = 0.0
-        sc = 1.0
-        sh = 0.0
-        if HAS_W:
-            w = tl.load(W + ch).to(tl.float32)
-        if HAS_B:
-            b = tl.load(B + ch).to(tl.float32)
-        if HAS_SS:
-            sc = 1.0 + tl.load(SCALE + n * ssn + ch).to(tl.float32)
-            sh = tl.load(SHIFT + n * ssn + ch).to(tl.float32)
+        w, b, sc, sh = _channel_affine(W, B, SCALE, SHIFT, n, ssn, ch, HAS_W, HAS_B, HAS_SS)
         dw = tl.zeros([BLOCK], dtype=tl.float32)
         db = tl.zeros([BLOCK], dtype=tl.float32)
         dsc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -208,17 +207,7 @@ def _backward_kernel(
     dx_group = DX + n * sxn + g * CPG * sxc
     for c in range(0, CPG):
         ch = g * CPG + c
-        w = 1.0
-        b = 0.0
-        sc = 1.0
-        sh = 0.0
-        if HAS_W:
-            w = tl.load(W + ch).to(tl.float32)
-        if HAS_B:
-            b = tl.load(B + ch).to(tl.float32)
-        if HAS_SS:
-            sc = 1.0 + tl.load(SCALE + n * ssn + ch).to(tl.float32)
-            sh = tl.load(SHIFT + n * ssn + ch).to(tl.float32)
+        w, b, sc, sh = _channel_affine(W, B, SCALE, SHIFT, n, ssn, ch, HAS_W, HAS_B, HAS_SS)
         for start in range(0, HW, BLOCK):
             idx = start + offs
             mask = idx < HW

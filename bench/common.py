@@ -1,10 +1,13 @@
-"""What every benchmark script shares: timing, the commit, random (never zero) weights."""
+"""What every benchmark script shares: timing, the commit, random (never zero) weights, and
+writing its table and numbers."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,3 +48,15 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     return model
+
+
+def report(name: str, lines: list[str], header, rows: list[dict], json_path=None,
+           markdown_path=None) -> None:  # fmt: skip
+    """Print a script's table; write {header, rows} as JSON and append the table under
+    `### python -m bench.NAME` to a markdown file, where asked."""
+    print("\n".join(lines))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    if markdown_path:
+        with open(markdown_path, "a") as f:
+            f.write(f"\n### python -m bench.{name}\n\n" + "\n".join(lines) + "\n")

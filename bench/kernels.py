@@ -14,13 +14,11 @@ read once, output written once) against the card's copy bandwidth measured in th
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import commit
+from bench.common import commit, report
 
 # (channels, side) of ADM-256's GroupNorms, from the 256x256 level down to 8x8.
 GN_SHAPES = [(256, 256), (256, 128), (512, 64), (512, 32), (1024, 16), (1024, 8)]
@@ -128,12 +126,7 @@ def main() -> None:
             f"{r.get('sdpa_ms') or 0:.4f} | {ratio(r.get('sdpa_ms'))} | {r['GB/s']:.0f} | "
             f"{r['of_bandwidth'] * 100:.0f}% | {r['rel_err']:.1e} |"
         )
-    print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n### python -m bench.kernels\n\n" + "\n".join(lines) + "\n")
+    report("kernels", lines, header, rows, args.json, args.markdown)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,13 @@ the images mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 import fastsample
-from bench.common import commit, randomize, sync
+from bench.common import commit, randomize, report, sync
 from fastsample.config import PRESETS
 from fastsample.unet import AttentionBlock
 
@@ -270,12 +268,7 @@ def main() -> None:
             f"{r['images_per_s']:.2f} | {peak} | {r['speedup']:.2f} | "
             f"{r['floor_share'] * 100:.1f}% | {r['rel_err_vs_reference']:.1e} |"
         )
-    print("\n".join(lines))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, "rows": rows}, indent=2))
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write("\n### python -m bench.sample\n\n" + "\n".join(lines) + "\n")
+    report("sample", lines, header, rows, args.json, args.markdown)
 
 
 if __name__ == "__main__":

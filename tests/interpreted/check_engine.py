@@ -10,6 +10,7 @@ from fastsample import Classifier, Diffusion, UNet, sample
 from fastsample.engine import FastEngine
 
 _golden = golden
+pytestmark = pytest.mark.usefixtures("no_fma_contraction")
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])

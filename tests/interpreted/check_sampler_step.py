@@ -34,6 +34,9 @@ def _noise(steps: int):
     return lambda k: draws[k]
 
 
+pytestmark = pytest.mark.usefixtures("no_fma_contraction")
+
+
 CASES = [
     ("ddim", 0.0, "cosine", "ddim6", True),
     ("ddim", 0.5, "linear", "8", False),

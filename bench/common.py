@@ -42,11 +42,13 @@ def commit() -> str:
 
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Random weights everywhere, also where the reference initialises to zero (timing on zeros
-    would measure the wrong thing)."""
-    gen = torch.Generator().manual_seed(seed)
+    would measure the wrong thing); drawn on the parameters' device (seconds for ADM-256 on a
+    GPU, where CPU draws would take minutes)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * 0.02)
     return model
 
 

@@ -1,14 +1,15 @@
 """Classifier-guided sampling, reference-style eager vs fastsample, per image.
 
     python -m bench.sample [--presets 64x64_diffusion 128x128_diffusion 256x256_diffusion]
-                           [--batch 1 32] [--steps ddim25] [--device cuda|cpu] [--json FILE]
-                           [--markdown FILE]
+                           [--batch 1 32] [--steps ddim25] [--device cuda|cpu]
+                           [--dtype auto|fp32|fp16|bf16] [--json FILE] [--markdown FILE]
 
 Both paths run in one process on the same random weights (never zeros) and the same noise:
 
 - reference-style eager: what the reference implementation computes. The torch ops op for op
   (einsum attention over every query, GroupNorm, SiLU and scale-shift as separate ops), the
-  README's precision (fp16 convolutions where use_fp16), and its guidance: autograd through
+  README's precision on CUDA (fp16 torso where use_fp16; fp32 on the CPU, which has no fast
+  fp16 convolutions; --dtype overrides both paths), and its guidance: autograd through
   the whole classifier with trainable parameters and gradient-checkpointed attention blocks,
   so the attention is recomputed in the backward pass and its parameter gradients computed;
 - fastsample: on CUDA the fast engine (Triton kernels, two streams, a CUDA graph per step,
@@ -19,8 +20,8 @@ Both paths run in one process on the same random weights (never zeros) and the s
 
 Printed per preset and batch: ms per image, images/s, peak memory (CUDA), the ratio to the
 baseline and the share of the FLOP floor (the step's FLOPs at the peak rate measured in the same
-run: an fp16 matmul on CUDA, a wide fp32 convolution on the CPU). Random weights: timings only,
-the images mean nothing.
+run: a matmul in the torso's dtype on CUDA, a wide fp32 convolution on the CPU). Random weights
+(drawn on the device): timings only, the images mean nothing.
 """
 
 from __future__ import annotations
@@ -38,10 +39,19 @@ from fastsample.unet import AttentionBlock
 
 
 def _random(preset: str, seed: int, device, dtype=None, backend="torch"):
-    net = randomize(fastsample.create_model(preset, dtype=torch.float32, backend="torch"), seed)
-    net = net.to(device)
-    net.set_precision(dtype if dtype is not None else net.dtype)
+    """A preset with random weights (drawn on the device), its torso in dtype (None: the
+    README's precision on CUDA, float32 on the CPU, where there are no fast fp16 convolutions)."""
+    device = torch.device(device)
+    net = fastsample.create_model(preset, device=device, dtype=torch.float32, backend="torch")
+    randomize(net, seed)
+    net.set_precision(dtype or readme_dtype(preset, device))
     return net.set_backend(backend).eval()
+
+
+def readme_dtype(preset: str, device: torch.device) -> torch.dtype:
+    """The README's precision (fp16 torso where use_fp16) on CUDA; float32 on the CPU."""
+    fp16 = getattr(PRESETS[preset].network, "use_fp16", False)
+    return torch.float16 if fp16 and torch.device(device).type == "cuda" else torch.float32
 
 
 class _Recomputed(torch.autograd.Function):
@@ -81,14 +91,15 @@ def reference_style(classifier: torch.nn.Module) -> torch.nn.Module:
     return classifier
 
 
-def _floor_rate(device) -> float:
+def _floor_rate(device, dtype=torch.float16) -> float:
     """The FLOP/s the machine reaches, measured now (best of five timings, so that a busy
-    moment does not lower the floor): a large fp16 matmul on CUDA; on the CPU a wide 3x3
-    convolution (channels_last, on oneDNN), which runs faster there than torch's fp32 matmul."""
+    moment does not lower the floor): a large matmul in the torso's dtype on CUDA (random
+    data, never zeros); on the CPU a wide 3x3 convolution (channels_last, on oneDNN), which
+    runs faster there than torch's fp32 matmul."""
     cuda = device.type == "cuda"
     if cuda:
-        a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
-        b = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+        a = torch.randn(8192, 8192, device=device, dtype=dtype)
+        b = torch.randn(8192, 8192, device=device, dtype=dtype)
         flops, reps = 2 * 8192**3, 10
 
         def op():
@@ -125,13 +136,13 @@ def _step_flops(preset: str, classifier: str | None) -> float:
     return float(flops)
 
 
-def _make_run(path, preset_name, clf_name, device, diffusion, shape, y, noise, scale):
+def _make_run(path, preset_name, clf_name, device, diffusion, shape, y, noise, scale, dtype):
     """A function that samples one batch on the given path (its networks built here)."""
     if path == "fastsample" and device.type == "cuda":
         from fastsample.engine import FastEngine
 
-        model = _random(preset_name, 0, device, backend="auto")
-        clf = _random(clf_name, 1, device, backend="auto") if clf_name else None
+        model = _random(preset_name, 0, device, dtype, backend="auto")
+        clf = _random(clf_name, 1, device, dtype, backend="auto") if clf_name else None
         engine = FastEngine(model, clf)
         y_model = y if model.config.num_classes is not None else None
 
@@ -146,8 +157,8 @@ def _make_run(path, preset_name, clf_name, device, diffusion, shape, y, noise, s
     # The reference's arithmetic and guidance, or on the CPU the default path that
     # fastsample.sample and the CLI use (load_model's backend).
     backend = "torch" if path == "reference" else "auto"
-    model = _random(preset_name, 0, device, backend=backend)
-    clf = _random(clf_name, 1, device, backend=backend) if clf_name else None
+    model = _random(preset_name, 0, device, dtype, backend=backend)
+    clf = _random(clf_name, 1, device, dtype, backend=backend) if clf_name else None
     if clf is not None and path == "reference":
         clf = reference_style(clf)
 
@@ -169,7 +180,10 @@ def _weight_bytes(*nets) -> int:
     )  # fmt: skip
 
 
-def main() -> None:
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["64x64_diffusion"])
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
@@ -180,16 +194,33 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed runs per path, alternating (median)"
     )
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", *DTYPES],
+        help="the torso's precision; auto: the README's on CUDA (fp16 where use_fp16), fp32 on CPU",
+    )  # fmt: skip
     parser.add_argument("--json", help="write the numbers here")
     parser.add_argument("--markdown", help="append a markdown table here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if unknown:
+        parser.error(f"--presets {unknown}: expected some of {sorted(PRESETS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rate = _floor_rate(device)
+    rates, dtypes = {}, set()
     rows = []
     for preset_name in args.presets:
         preset = PRESETS[preset_name]
+        dtype = DTYPES.get(args.dtype) or readme_dtype(preset_name, device)
+        dtypes.add(str(dtype).removeprefix("torch."))
+        if dtype not in rates:
+            rates[dtype] = _floor_rate(device, dtype)
+        rate = rates[dtype]
         clf_name = preset.classifier
         diffusion = preset.diffusion.respaced(args.steps)
         cfg = preset.network
@@ -203,7 +234,7 @@ def main() -> None:
             runs = {}
             for path in ("reference", "fastsample"):
                 runs[path] = _make_run(path, preset_name, clf_name, device, diffusion, shape, y,
-                                       noise, args.scale)  # fmt: skip
+                                       noise, args.scale, DTYPES.get(args.dtype))  # fmt: skip
             # Warm-ups (compile kernels, capture graphs, pack weights), then the timed runs
             # alternate between the paths so that both see the same machine conditions.
             times = {path: [] for path in runs}
@@ -243,6 +274,7 @@ def main() -> None:
                 err = ((r["final"] - base["final"]).abs().max() / base["final"].abs().max()).item()
                 rows.append({
                     "preset": preset_name, "batch": batch, "path": path,
+                    "dtype": str(dtype).removeprefix("torch."),
                     "ms_per_image": r["ms_per_image"], "images_per_s": r["images_per_s"],
                     "peak_mib": r["peak_mib"],
                     "speedup": base["ms_per_image"] / r["ms_per_image"],
@@ -251,8 +283,9 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (
         f"{card}; {torch.get_num_threads()} CPU threads; guided {args.steps}, scale "
-        f"{args.scale}; peak rate {rate / 1e12:.2f} TFLOP/s; torch {torch.__version__}; "
-        f"commit {commit()}"
+        f"{args.scale}; torso {'/'.join(sorted(dtypes))}; peak rate "
+        f"{'/'.join(f'{r / 1e12:.2f}' for r in rates.values())} TFLOP/s (measured matmul or "
+        f"conv in that dtype); torch {torch.__version__}; commit {commit()}"
     )
     lines = [
         header,

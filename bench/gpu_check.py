@@ -105,78 +105,52 @@ SAMPLE_ARGS = ["--presets", "256x256_diffusion", "--batch", "1", "16", "--steps"
 KERNEL_ARGS = ["--batch", "16", "--dtype", "fp16"]
 
 
+def _bench_stage(name: str, limit_s: int, what: str, module: str, args: list[str]) -> Stage:
+    """A bench script's stage; rehearsed by parsing its arguments."""
+    parse = "import sys, importlib; importlib.import_module(sys.argv[1]).parse_args(sys.argv[2:])"
+    return Stage(name, limit_s, _py("-m", module, *args), what,
+                 rehearse=_py("-c", parse, module, *args))  # fmt: skip
+
+
+def _pytest_stage(name: str, limit_s: int, what: str, workers: int, args: tuple, logs: Path,
+                  **kwargs) -> Stage:  # fmt: skip
+    """A pytest stage (JUnit XML read for skips); rehearsed by collecting its tests."""
+    junit = str(logs / f"{name}.xml")
+    run = _pytest(*(("-n", str(workers)) if workers > 1 else ()), *args, junit=junit)
+    collect = _pytest("--collect-only", *args, junit=junit)
+    return Stage(name, limit_s, run, what, rehearse=collect, junit=True, **kwargs)
+
+
 def plan(scratch: Path) -> list[Stage]:
     """The stages, most important first, with the limits the budget is planned on."""
     logs = scratch / "logs"
     md = str(scratch / "RESULTS_append.md")
-    sample = [*SAMPLE_ARGS, "--json", str(logs / "bench_sample.json"), "--markdown", md]
-    kernels = [*KERNEL_ARGS, "--json", str(logs / "bench_kernels.json"), "--markdown", md]
-    parse = "import sys, importlib; importlib.import_module(sys.argv[1]).parse_args(sys.argv[2:])"
+    doctor = Stage("doctor", 60, _py("-m", "fastsample", "doctor", "--json",
+                                     str(logs / "doctor.json")),
+                   "fastsample doctor: environment, self-check, one guided step per runtime",
+                   rehearse=_py("-m", "fastsample", "doctor", "--help"),
+                   present=_has_doctor())  # fmt: skip
     return [
-        Stage(
-            "doctor",
-            60,
-            _py("-m", "fastsample", "doctor", "--json", str(logs / "doctor.json")),
-            "fastsample doctor: environment, self-check, one guided step per runtime",
-            rehearse=_py("-m", "fastsample", "doctor", "--help"),
-            present=_has_doctor(),
-        ),
-        Stage(
-            "bench_sample",
-            180,
-            _py("-m", "bench.sample", *sample),
-            "guided ADM-256 ddim25 at fp16: reference-style eager vs fast engine, batch 1, 16",
-            rehearse=_py("-c", parse, "bench.sample", *sample),
-        ),
-        Stage(
-            "bench_kernels",
-            100,
-            _py("-m", "bench.kernels", *kernels),
-            "Triton GroupNorm / attention vs eager, torch.compile, SDPA at ADM-256 shapes",
-            rehearse=_py("-c", parse, "bench.kernels", *kernels),
-        ),
-        Stage(
-            "kernel_checks",
-            110,
-            _pytest("-n", "8", *CHECKS, junit=str(logs / "kernel_checks.xml")),
-            "the kernel checks compiled for this GPU (GroupNorm, attention, fused update, "
-            "whole tiny networks vs golden data, engine)",
-            rehearse=_pytest("--collect-only", *CHECKS, junit=str(logs / "kernel_checks.xml")),
-            junit=True,
-        ),
-        Stage(
-            "engine_gpu",
-            50,
-            _pytest(
-                "-n", "4", "-m", "gpu", "tests/test_engine.py", junit=str(logs / "engine_gpu.xml")
-            ),
-            "CUDA graphs and streams of the fast engine vs the eager loops",
-            rehearse=_pytest(
-                "--collect-only",
-                "-m",
-                "gpu",
-                "tests/test_engine.py",
-                junit=str(logs / "engine_gpu.xml"),
-            ),
-            junit=True,
-        ),
-        Stage(
-            "export_gpu",
-            150,
-            _pytest("-m", "gpu", "tests/test_export.py", junit=str(logs / "export_gpu.xml")),
-            "AOTInductor on CUDA (TensorRT tests skip: not on the image)",
-            rehearse=_pytest(
-                "--collect-only",
-                "-m",
-                "gpu",
-                "tests/test_export.py",
-                junit=str(logs / "export_gpu.xml"),
-            ),
-            required=False,
-            junit=True,
-            allowed_skips=("TensorRT",),
-        ),
-    ]
+        doctor,
+        _bench_stage("bench_sample", 180,
+                     "guided ADM-256 ddim25 at fp16: reference-style eager vs fast engine, "
+                     "batch 1 and 16", "bench.sample",
+                     [*SAMPLE_ARGS, "--json", str(logs / "bench_sample.json"), "--markdown", md]),
+        _bench_stage("bench_kernels", 100,
+                     "Triton GroupNorm / attention vs eager, torch.compile, SDPA at ADM-256 "
+                     "shapes", "bench.kernels",
+                     [*KERNEL_ARGS, "--json", str(logs / "bench_kernels.json"), "--markdown", md]),
+        _pytest_stage("kernel_checks", 110,
+                      "the kernel checks compiled for this GPU (GroupNorm, attention, fused "
+                      "update, whole tiny networks vs golden data, engine)", 8, CHECKS, logs),
+        _pytest_stage("engine_gpu", 50,
+                      "CUDA graphs and streams of the fast engine vs the eager loops", 4,
+                      ("-m", "gpu", "tests/test_engine.py"), logs),
+        _pytest_stage("export_gpu", 150,
+                      "AOTInductor on CUDA (TensorRT tests skip: not on the image)", 1,
+                      ("-m", "gpu", "tests/test_export.py"), logs, required=False,
+                      allowed_skips=("TensorRT",)),
+    ]  # fmt: skip
 
 
 def planned_seconds(stages: list[Stage]) -> int:

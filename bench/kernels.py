@@ -77,7 +77,14 @@ def _group_norm_rows(b, dtype, size, bandwidth, gen) -> list[dict]:
 
     from fastsample import ops
 
-    compiled_ref = torch.compile(group_norm_reference) if DEVICE == "cuda" else None
+    compiled_ref = None
+    if DEVICE == "cuda":
+        # One compiled function over every row's shape, layout and None-ness: raise the limit
+        # so that no row silently falls back to eager (dynamo's default allows 8 recompiles).
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        compiled_ref = torch.compile(group_norm_reference)
     cases = []
     for channels, side in GN_SHAPES:  # ResBlock norms: scale-shift + SiLU, NCHW / channels_last
         for layout in ("nchw", "channels_last"):

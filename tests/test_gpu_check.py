@@ -152,3 +152,25 @@ def test_rehearsal_of_the_device_run():
     for stage in ("install", "imports", "golden", "bench_sample", "kernel_checks", "engine_gpu"):
         assert any(ln.startswith(stage) and ("rehearsed" in ln or " ok " in ln)
                    for ln in run.stdout.splitlines()), stage  # fmt: skip
+
+
+def test_bench_kernels_runs_interpreted(tmp_path):
+    """bench.kernels' own code (every row kind: GroupNorm NCHW / channels_last / attention-norm
+    view, attention with SDPA on contiguous q, k, v) on the CPU under the interpreter."""
+    import json
+    import os
+
+    out = tmp_path / "kernels.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.kernels", "--smoke", "--batch", "2", "--json", str(out)],
+        cwd=ROOT, env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["layout"] for r in rows} == {"nchw", "channels_last", "channels_last view",
+                                           "qkv [B,3C,T]"}  # fmt: skip
+    for r in rows:  # fp16 inputs against the fp32 reference: a few float16 ulps
+        assert r["rel_err"] < 3e-3, r
+    attention = [r for r in rows if r["op"].startswith("attention")]
+    assert attention and all(r["sdpa_rel_err"] < 3e-3 for r in attention)

@@ -363,6 +363,12 @@ class Check:
     # -- results -----------------------------------------------------------------------------
 
     def headline(self) -> list[str]:
+        try:
+            return self._headline()
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+            return [f"headline figures unreadable ({type(e).__name__}: {e}); see the archive"]
+
+    def _headline(self) -> list[str]:
         lines = []
         path = self.logs / "bench_sample.json"
         if path.is_file():
@@ -553,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=BUDGET_S, help="wall-clock seconds")
     parser.add_argument("--keep", action="store_true", help="keep the rehearsal's scratch folder")
     args = parser.parse_args(argv)
+    if not args.budget > 0:
+        parser.error(f"--budget {args.budget}: expected a positive number of seconds")
     if args.prepare or args.rehearse:
         from bench import gpu_rehearse
 

@@ -4,6 +4,7 @@ here (bare copy of the tree, fresh venv of the GPU image's packages, offline ins
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -131,9 +132,29 @@ def test_a_clean_run_passes_and_selected_stages_only(tmp_path, monkeypatch):
     assert "overall: PASSED" in summary and "not selected" in summary
 
 
-def test_stage_names_are_checked():
-    with pytest.raises(SystemExit):
-        gpu_check.main(["--stages", "bench_sample,warp_drive"])
+def test_stage_names_and_budget_are_checked():
+    for argv in (["--stages", "bench_sample,warp_drive"], ["--budget", "-5"]):
+        with pytest.raises(SystemExit) as info:
+            gpu_check.main(argv)
+        assert info.value.code == 2
+
+
+def test_headline_reads_the_bench_json(tmp_path, monkeypatch):
+    """The summary's headline from bench.sample's real JSON (CPU, demo shapes)."""
+    check = gpu_check.Check(tmp_path / "out", 60, None)
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.sample", "--presets", "demo-mnist", "--steps", "ddim2",
+         "--json", str(check.logs / "bench_sample.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = check.headline()
+    assert lines[0].startswith("bench.sample: CPU")
+    assert [ln.split()[3] for ln in lines[1:]] == ["reference", "fastsample"]
+    assert all("ms/image" in ln and "x reference" in ln for ln in lines[1:])
+    (check.logs / "bench_kernels.json").write_text("{not json")
+    assert "unreadable" in check.headline()[0]  # a damaged file never stops the run
+    shutil.rmtree(check.scratch)
 
 
 @pytest.mark.slow

@@ -69,7 +69,6 @@ class Stage:
     required: bool = True
     junit: bool = False
     allowed_skips: tuple[str, ...] = ()
-    env: dict[str, str] = dataclasses.field(default_factory=dict)
     present: bool = True  # False: the stage's tool does not exist at this commit
 
 
@@ -350,7 +349,7 @@ class Check:
         limit = min(stage.limit_s, left)
         print(f"=== {stage.name} (limit {limit:.0f} s): {stage.what}", flush=True)
         log = self.logs / f"{stage.name}.log"
-        rc, seconds = run_logged(argv, log, limit, dict(self.env, **stage.env))
+        rc, seconds = run_logged(argv, log, limit, self.env)
         result = judge(stage, rc, seconds, limit, self.rehearsal, self.logs)
         if result.status in ("FAILED", "CUT"):
             self.failed = True

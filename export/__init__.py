@@ -6,7 +6,9 @@ manifest; `load(out, backend=...)` runs it behind the samplers' seam; `verify(ou
 against eager PyTorch. Heavy dependencies (onnx, onnxruntime, tensorrt) load only when used.
 """
 
-from .bundle import TARGETS, ExportError, export, read_manifest
+from fastsample.errors import ExportError
+
+from .bundle import TARGETS, export, read_manifest
 from .runtime import BACKENDS, ExportedGraphs
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .bundle import BackendUnavailable
+from fastsample.errors import BackendUnavailable
+
 from .graphs import GraphIO, export_program
 
 

@@ -31,6 +31,7 @@ import torch
 
 from fastsample.checkpoint import file_sha256 as sha256_file
 from fastsample.config import config_to_dict
+from fastsample.errors import ExportError
 from fastsample.schedule import Diffusion
 from fastsample.unet import Classifier, UNet
 
@@ -45,18 +46,6 @@ GRAPH_FILES = {
     "aoti": {"unet": "unet.pt2", "classifier_grad": "classifier_grad.pt2"},
     "tensorrt": {"unet": "unet.engine", "classifier_grad": "classifier_grad.engine"},
 }
-
-
-class ExportError(ValueError):
-    """An export that cannot be made or a directory that is not a valid export."""
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend or target whose package or device is missing here."""
-
-
-class IntegrityError(ExportError):
-    """A file of an export is missing or differs from its manifest's sha256."""
 
 
 def weights_sha256(module: torch.nn.Module) -> str:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .bundle import BackendUnavailable
+from fastsample.errors import BackendUnavailable, InputTypeError
+
 from .graphs import GraphIO, export_program
 
 OPSET = 21  # the first opset with a native GroupNormalization node
@@ -134,7 +135,7 @@ class OrtGraph:
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.io.inputs):
-            raise TypeError(f"{self.path.name} takes {', '.join(self.io.input_names)}")
+            raise InputTypeError(f"{self.path.name} takes {', '.join(self.io.input_names)}")
         binding = self.session.io_binding()
         kept = []
         batch = inputs[0].shape[0]

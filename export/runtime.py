@@ -13,11 +13,10 @@ from typing import Any
 import torch
 
 from fastsample.config import config_from_dict
+from fastsample.errors import ExportError, InputError, IntegrityError
 from fastsample.schedule import Diffusion
 
 from .bundle import (
-    ExportError,
-    IntegrityError,
     check_hashes,
     diffusion_from_schedule,
     graph_io,
@@ -162,7 +161,7 @@ def graphs_for(
     in-place version counters), so repeated calls neither re-hash the weights nor reopen
     sessions."""
     if backend not in _TARGET_OF:
-        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     require_backend(backend)
     memo_key = (backend, device, max_batch, model.dtype, *_versions(model),
                 id(classifier), *_versions(classifier))  # fmt: skip

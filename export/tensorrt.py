@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .bundle import BackendUnavailable
+from fastsample.errors import BackendUnavailable, InputError, RuntimeFailure
+
 from .graphs import GraphIO
 
 # Ops of the exported UNet and gradient graphs, all in TensorRT's ONNX parser's support matrix.
@@ -60,7 +61,7 @@ def profile_shapes(
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
     """(min, opt, max) shapes of every input for one optimization profile over the batch."""
     if max_batch < 1:
-        raise ValueError(f"max_batch={max_batch}: expected >= 1")
+        raise InputError(f"max_batch={max_batch}: expected >= 1")
     opt = min(max(opt_batch or 1, 1), max_batch)
 
     def at(shape, b):
@@ -102,7 +103,7 @@ def build_engine(
 
     bad = unsupported_ops(onnx_path)
     if bad:
-        raise RuntimeError(f"{Path(onnx_path).name} has ops TensorRT cannot parse: {bad}")
+        raise RuntimeFailure(f"{Path(onnx_path).name} has ops TensorRT cannot parse: {bad}")
     shapes = profile_shapes(io, max_batch, opt_batch)
     gpu = torch.cuda.get_device_name()
     key = engine_cache_key(
@@ -130,7 +131,7 @@ def build_engine(
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {Path(onnx_path).name}: {errors}")
+        raise RuntimeFailure(f"TensorRT could not parse {Path(onnx_path).name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     timing_path = cache / f"timing-{trt.__version__}-{gpu.replace(' ', '_')}.cache"
@@ -142,7 +143,7 @@ def build_engine(
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {Path(onnx_path).name}")
+        raise RuntimeFailure(f"TensorRT failed to build an engine from {Path(onnx_path).name}")
     timing_path.write_bytes(memoryview(config.get_timing_cache().serialize()))
     data = bytes(memoryview(serialized))
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -164,7 +165,7 @@ class TrtGraph:
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
-            raise RuntimeError(
+            raise RuntimeFailure(
                 f"{self.path} could not be loaded: built by another TensorRT version or GPU?"
             )
         self.context = self.engine.create_execution_context()
@@ -183,5 +184,5 @@ class TrtGraph:
         self.context.set_tensor_address(name, out.data_ptr())
         stream = torch.cuda.current_stream(self.device)
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run {self.path.name}")
+            raise RuntimeFailure(f"TensorRT failed to run {self.path.name}")
         return out

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from fastsample.errors import ExportError, IntegrityError
+
 from .bundle import (
     DTYPES,
-    ExportError,
-    IntegrityError,
     check_hashes,
     graph_io,
     read_manifest,

@@ -29,6 +29,7 @@ from .config import (
     config_to_dict,
     get_preset,
 )
+from .errors import CheckpointError, InputError
 from .schedule import Diffusion
 from .unet import _Network, network_class
 
@@ -37,10 +38,6 @@ PRESET_KEY = "fastsample.preset"
 DIFFUSION_KEY = "fastsample.diffusion"
 
 StateDict = Mapping[str, torch.Tensor]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or that does not fit the network it is loaded into."""
 
 
 def _resolve(preset: str | NetworkConfig) -> tuple[NetworkConfig, str | None]:
@@ -131,6 +128,35 @@ def _describe_mismatch(missing, unexpected, mis_shaped, limit: int = 8) -> str:
     return "; ".join(parts)
 
 
+# Globals that a plain tensor state_dict's pickle names (what weights_only=True accepts).
+_TENSOR_GLOBALS = ("torch.", "collections.OrderedDict", "_codecs.encode", "builtins.set")
+
+
+def _pickle_globals(path: Path) -> list[str] | None:
+    """The globals (module.name) a checkpoint's pickle asks for, read by walking its opcodes
+    without running them; None where the bytes are not a well-formed pickle."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next(n for n in z.namelist() if n.endswith("data.pkl"))
+                data = z.read(name)
+        else:
+            data = path.read_bytes()
+        found, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except (StopIteration, ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeError):
+        return None
+    return list(dict.fromkeys(found))
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a .pt or .safetensors file -> (state_dict on CPU, metadata). Never runs a pickle."""
     path = Path(path)
@@ -150,22 +176,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         return state_dict, metadata
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()
-        detail = next(
-            (line for line in reason if "Unsupported" in line or "global" in line.lower()),
-            reason[0] if reason else "",
-        )
-        if "GLOBAL" not in str(e) and "global" not in detail.lower():
-            # not a pickle that asks for code: bytes that are no pickle at all
+    except pickle.UnpicklingError:
+        asked = _pickle_globals(path)
+        foreign = [g for g in asked or () if not g.startswith(_TENSOR_GLOBALS)]
+        if not foreign:  # a malformed pickle, or one that holds no tensors
             raise CheckpointError(
-                f"{path} cannot be read (truncated or corrupt?): not a torch checkpoint "
-                f"({detail.strip()})"
+                f"{path} cannot be read (truncated or corrupt?): not a torch checkpoint"
             ) from None
         raise CheckpointError(
-            f"refusing to load {path}: it needs Python code to run while unpickling, and "
-            f"fastsample loads checkpoints with weights_only=True only ({detail.strip()}). "
-            "Convert it to a plain state_dict or to .safetensors where you trust its source."
+            f"refusing to load {path}: it needs Python code to run while unpickling "
+            f"({', '.join(foreign[:3])}), and fastsample loads checkpoints with "
+            "weights_only=True only. Convert it to a plain state_dict or to .safetensors where "
+            "you trust its source."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {e}") from None
@@ -285,7 +307,7 @@ def save_checkpoint(
     The file appears only once complete."""
     path = Path(path)
     if path.suffix not in (".pt", ".safetensors"):
-        raise ValueError(f"checkpoint path {str(path)!r}: expected a .pt or .safetensors suffix")
+        raise InputError(f"checkpoint path {str(path)!r}: expected a .pt or .safetensors suffix")
     state_dict = {
         k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()
     }

@@ -11,7 +11,7 @@ import warnings
 import click
 
 from . import __version__
-from .checkpoint import CheckpointError
+from .errors import FastsampleError, InputError, MissingFileError
 
 
 def _one_line_errors(fn):
@@ -25,22 +25,7 @@ def _one_line_errors(fn):
         previous, warnings.showwarning = warnings.showwarning, show
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except RuntimeError as e:
-            from .export.bundle import BackendUnavailable
-            from .pipeline import NonFiniteError
-
-            if not isinstance(e, (BackendUnavailable, NonFiniteError)):
-                raise
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
-        except Exception as e:
-            from .runs import RunError
-
-            if not isinstance(e, RunError):
-                raise
+        except FastsampleError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         finally:
@@ -100,7 +85,7 @@ def info_cmd(preset: str | None, flags: str | None, network: str) -> None:
     from .summary import format_summary, summarize
 
     if (preset is None) == (flags is None):
-        raise ValueError("give a preset name (see `fastsample presets`) or --flags, not both")
+        raise InputError("give a preset name (see `fastsample presets`) or --flags, not both")
     if flags is not None:
         parse = {
             "unet": unet_config_from_flags,
@@ -119,7 +104,7 @@ def _parse_classes(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"--classes {text!r}: expected comma-separated integer labels such as 207,360"
         ) from None
 
@@ -232,15 +217,15 @@ def sample_cmd(
 
     for name, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
-            raise ValueError(f"{name} {value}: expected a positive integer")
+            raise InputError(f"{name} {value}: expected a positive integer")
     if seed < 0:
-        raise ValueError(f"--seed {seed}: expected a non-negative integer")
+        raise InputError(f"--seed {seed}: expected a non-negative integer")
     if model is None:
         model, classifier = DEMO_UNET, classifier or PRESETS[DEMO_UNET].classifier
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here")
+        raise InputError(f"--device {device}: no CUDA device is available here")
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch_device = torch.device("cuda", runs.local_rank())  # one GPU per torchrun process
@@ -260,12 +245,12 @@ def sample_cmd(
                 if labels is None and "arr_1" in data:
                     labels = data["arr_1"].tolist()
         except (OSError, KeyError, ValueError) as e:
-            raise ValueError(f"--low-res {low_res}: not an .npz with arr_0 images ({e})") from None
+            raise InputError(f"--low-res {low_res}: not an .npz with arr_0 images ({e})") from None
     if Path(model).is_dir() and (Path(model) / "manifest.json").is_file():
         if classifier is not None:
-            raise ValueError("--classifier: an export directory carries its own gradient graph")
+            raise InputError("--classifier: an export directory carries its own gradient graph")
         if dtype != "auto":
-            raise ValueError("--dtype: an export's precision is fixed when it is exported")
+            raise InputError("--dtype: an export's precision is fixed when it is exported")
         pipe = Pipeline.from_export(
             model,
             backend=None if backend in (None, "eager") else backend,
@@ -384,17 +369,17 @@ def _check_writable(out) -> None:
     import tempfile
 
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
+        raise InputError(f"--out {out}: exists and is not a directory")
     existing = out.absolute()
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is a file, not a directory")
+        raise InputError(f"--out {out}: {existing} is a file, not a directory")
     try:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
-        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 @main.command(
@@ -430,7 +415,7 @@ def eval_cmd(samples: str, ref: str | None, extractor: str) -> None:
 
     for path in (samples, ref):
         if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(f"{path}: no such file")
     report = evaluate(samples, ref or WEIGHTS_DIR / "heldout.npz", extractor=extractor)
     for line in report.lines():
         click.echo(line)
@@ -502,7 +487,7 @@ def export_cmd(
     import torch
 
     from .config import DEMO_UNET, PRESETS
-    from .export import ExportError, export
+    from .export import export
     from .pipeline import Pipeline
 
     if model is None:
@@ -513,7 +498,7 @@ def export_cmd(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available here")
+        raise InputError(f"--device {device}: no CUDA device is available here")
     if target == "tensorrt":
         from .export.tensorrt import require_tensorrt
 
@@ -521,24 +506,21 @@ def export_cmd(
     pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
     diffusion = pipe.diffusion.respaced(steps)
     clf = pipe.classifier
-    try:
-        out = export(
-            pipe.model,
-            diffusion,
-            out_dir,
-            classifier=clf,
-            target=target,
-            dtype=dtype,
-            max_batch=max_batch,
-            guidance_scale=scale,
-            model_source=_source_name(model),
-            classifier_source=_source_name(classifier) if clf is not None else None,
-            device=device if target == "aoti" else "cpu",
-            overwrite=overwrite,
-            log=lambda line: click.echo(line, err=True),
-        )
-    except ExportError as e:
-        raise ValueError(str(e)) from None
+    out = export(
+        pipe.model,
+        diffusion,
+        out_dir,
+        classifier=clf,
+        target=target,
+        dtype=dtype,
+        max_batch=max_batch,
+        guidance_scale=scale,
+        model_source=_source_name(model),
+        classifier_source=_source_name(classifier) if clf is not None else None,
+        device=device if target == "aoti" else "cpu",
+        overwrite=overwrite,
+        log=lambda line: click.echo(line, err=True),
+    )
     files = json.loads((out / "manifest.json").read_text())["files"]
     click.echo(f"wrote {out}: " + ", ".join(sorted(files)) + ", manifest.json")
 
@@ -564,8 +546,7 @@ def _source_name(spec: str) -> str:
 def verify_cmd(directory, model, classifier, tolerance, seed) -> None:
     """Check an export: sha256 of every file, then every graph against eager PyTorch on random
     inputs at batch 1 and 5. Exits 1 on a hash mismatch or an error beyond tolerance."""
-    from .export import ExportError
-    from .export.bundle import IntegrityError
+    from .errors import IntegrityError
     from .export.verify import verify
 
     try:
@@ -580,8 +561,6 @@ def verify_cmd(directory, model, classifier, tolerance, seed) -> None:
     except IntegrityError as e:
         click.echo(f"FAILED: {e}", err=True)
         sys.exit(1)
-    except ExportError as e:
-        raise ValueError(str(e)) from None
     failed = [c for c in checks if not c.ok]
     if failed:
         click.echo(f"FAILED: {len(failed)} of {len(checks)} checks beyond tolerance", err=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal
 
+from .errors import InputError, InputTypeError
 from .schedule import Diffusion
 
 NUM_CLASSES = 1000
@@ -64,7 +65,7 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", _as_tuple(self.channel_mult))
         _check_common(self)
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes={self.num_classes}: expected None or a positive count")
+            raise InputError(f"num_classes={self.num_classes}: expected None or a positive count")
 
     # Derived values: properties, so that they cannot disagree with the fields.
     @property
@@ -133,9 +134,9 @@ class ClassifierConfig:
         object.__setattr__(self, "channel_mult", _as_tuple(self.channel_mult))
         _check_common(self)
         if self.pool not in POOL_TYPES:
-            raise ValueError(f"pool={self.pool!r}: expected one of {', '.join(POOL_TYPES)}")
+            raise InputError(f"pool={self.pool!r}: expected one of {', '.join(POOL_TYPES)}")
         if self.pool == "attention" and self.num_head_channels == -1:
-            raise ValueError("pool='attention' needs num_head_channels (got -1)")
+            raise InputError("pool='attention' needs num_head_channels (got -1)")
 
     time_embed_dim = UNetConfig.time_embed_dim
     level_channels = UNetConfig.level_channels
@@ -165,28 +166,28 @@ def _check_common(cfg: UNetConfig | ClassifierConfig) -> None:
     for name in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
         value = getattr(cfg, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r}: expected a positive integer")
+            raise InputError(f"{name}={value!r}: expected a positive integer")
     if cfg.dims not in (1, 2, 3):
-        raise ValueError(f"dims={cfg.dims!r}: expected 1, 2 or 3")
+        raise InputError(f"dims={cfg.dims!r}: expected 1, 2 or 3")
     if not cfg.channel_mult or any(m <= 0 for m in cfg.channel_mult):
-        raise ValueError(f"channel_mult={cfg.channel_mult!r}: expected positive multipliers")
+        raise InputError(f"channel_mult={cfg.channel_mult!r}: expected positive multipliers")
     if any(not isinstance(r, int) or r < 1 for r in cfg.attention_resolutions):
-        raise ValueError(
+        raise InputError(
             f"attention_resolutions={cfg.attention_resolutions!r}: expected positive integer "
             "downsample rates (image_size // pixels)"
         )
     if cfg.num_head_channels == -1 and cfg.num_heads < 1:
-        raise ValueError(f"num_heads={cfg.num_heads!r}: expected >= 1 when num_head_channels=-1")
+        raise InputError(f"num_heads={cfg.num_heads!r}: expected >= 1 when num_head_channels=-1")
     if cfg.num_head_channels != -1:
         if cfg.num_head_channels < 1:
-            raise ValueError(f"num_head_channels={cfg.num_head_channels}: expected -1 or >= 1")
+            raise InputError(f"num_head_channels={cfg.num_head_channels}: expected -1 or >= 1")
         # Only levels that hold attention blocks (and the middle block, at the last level).
         last = len(cfg.channel_mult) - 1
         for level, ch in enumerate(cfg.level_channels):
             if 2**level not in cfg.attention_resolutions and level != last:
                 continue
             if ch % cfg.num_head_channels:
-                raise ValueError(
+                raise InputError(
                     f"num_head_channels={cfg.num_head_channels} does not divide the level "
                     f"width {ch} (channel_mult={cfg.channel_mult}, "
                     f"model_channels={cfg.model_channels})"
@@ -329,7 +330,7 @@ def _convert_flag(name: str, value: Any, default: Any) -> Any:
         return str(value)
     except ValueError:
         expected = "a boolean (true/false)" if kind is bool else f"a {kind.__name__}"
-        raise ValueError(f"--{name} {value!r}: expected {expected}") from None
+        raise InputError(f"--{name} {value!r}: expected {expected}") from None
 
 
 def parse_flags(flags: str | Mapping[str, Any], known: Mapping[str, Any]) -> dict[str, Any]:
@@ -342,23 +343,23 @@ def parse_flags(flags: str | Mapping[str, Any], known: Mapping[str, Any]) -> dic
         while i < len(tokens):
             token = tokens[i]
             if not token.startswith("--"):
-                raise ValueError(f"flag string: expected '--name value', got {token!r}")
+                raise InputError(f"flag string: expected '--name value', got {token!r}")
             if "=" in token:
                 name, value = token[2:].split("=", 1)
                 i += 1
             else:
                 if i + 1 >= len(tokens):
-                    raise ValueError(f"flag {token} has no value")
+                    raise InputError(f"flag {token} has no value")
                 name, value = token[2:], tokens[i + 1]
                 i += 2
             given[name] = value
     elif isinstance(flags, Mapping):
         given = {str(k).removeprefix("--"): v for k, v in flags.items()}
     else:
-        raise TypeError(f"flags: expected a string or a dict, got {type(flags).__name__}")
+        raise InputTypeError(f"flags: expected a string or a dict, got {type(flags).__name__}")
     unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown flag(s) {', '.join('--' + u for u in unknown)}; "
             f"valid flags: {', '.join('--' + k for k in sorted(known))}"
         )
@@ -377,7 +378,7 @@ def default_channel_mult(image_size: int) -> tuple[float, ...]:
         64: (1, 2, 3, 4),
     }
     if image_size not in table:
-        raise ValueError(
+        raise InputError(
             f"image_size={image_size} has no default channel_mult: expected one of "
             f"{sorted(table)}, or pass --channel_mult"
         )
@@ -388,7 +389,7 @@ def super_res_channel_mult(large_size: int) -> tuple[float, ...]:
     """The upsamplers' channel_mult table, keyed by large_size (512 is NOT the base-512 table)."""
     table = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
     if large_size not in table:
-        raise ValueError(f"large_size={large_size}: expected one of {sorted(table)}")
+        raise InputError(f"large_size={large_size}: expected one of {sorted(table)}")
     return table[large_size]
 
 
@@ -396,11 +397,11 @@ def _pixels_to_ds(resolutions: str, image_size: int, flag: str) -> tuple[int, ..
     try:
         pixels = [int(r) for r in resolutions.split(",")]
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"--{flag} {resolutions!r}: expected comma-separated pixel sizes such as 32,16,8"
         ) from None
     if any(p < 1 or image_size // p < 1 for p in pixels):
-        raise ValueError(f"--{flag} {resolutions!r}: each size must be in 1..{image_size}")
+        raise InputError(f"--{flag} {resolutions!r}: each size must be in 1..{image_size}")
     return tuple(image_size // p for p in pixels)
 
 
@@ -414,7 +415,7 @@ def unet_config_from_flags(flags: str | Mapping[str, Any]) -> UNetConfig:
         try:
             channel_mult = tuple(int(m) for m in f["channel_mult"].split(","))
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"--channel_mult {f['channel_mult']!r}: expected comma-separated integers"
             ) from None
     return UNetConfig(
@@ -687,7 +688,7 @@ RELEASED: tuple[str, ...] = tuple(p.name for p in _PRESETS if p.weights is None)
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise InputError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -705,7 +706,7 @@ def config_kind(config: NetworkConfig) -> str:
     for kind, cls in _KINDS.items():
         if type(config) is cls:
             return kind
-    raise TypeError(f"not a network config: {type(config).__name__}")
+    raise InputTypeError(f"not a network config: {type(config).__name__}")
 
 
 def config_to_dict(config: NetworkConfig) -> dict[str, Any]:
@@ -715,5 +716,5 @@ def config_to_dict(config: NetworkConfig) -> dict[str, Any]:
 def config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
     kind = data.get("kind")
     if kind not in _KINDS:
-        raise ValueError(f"config kind {kind!r}: expected one of {', '.join(_KINDS)}")
+        raise InputError(f"config kind {kind!r}: expected one of {', '.join(_KINDS)}")
     return _KINDS[kind](**data["config"])

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
+
 Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
@@ -35,7 +37,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
     sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(
+        raise InputError(
             f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
@@ -50,7 +52,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"features of shape {features.shape}: expected [N >= 2, D]")
+        raise InputError(f"features of shape {features.shape}: expected [N >= 2, D]")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -76,7 +78,7 @@ def manifold_radii(features: np.ndarray, k: int = 3, batch: int = 10000) -> np.n
     """Squared distance of each point to its k-th nearest neighbour in its own set."""
     f = torch.from_numpy(np.asarray(features, dtype=np.float64))
     if len(f) <= k:
-        raise ValueError(f"{len(f)} points: precision/recall with k={k} needs more than {k}")
+        raise InputError(f"{len(f)} points: precision/recall with k={k} needs more than {k}")
     radii = []
     for i in range(0, len(f), batch):
         d = _squared_distances(f[i : i + batch], f)
@@ -133,7 +135,7 @@ def judge_extractor(batch: int = 500) -> Extractor:
 
     def extract(images: np.ndarray) -> dict[str, np.ndarray]:
         if images.shape[1:3] != (32, 32):
-            raise ValueError(
+            raise InputError(
                 f"the judge extractor takes 32x32 images, got {images.shape[1]}x{images.shape[2]}"
             )
         parts = []
@@ -164,9 +166,9 @@ def get_extractor(name: str) -> tuple[str, Extractor]:
         try:
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
-            raise ValueError(f"extractor {name!r} cannot be imported: {e}") from None
+            raise InputError(f"extractor {name!r} cannot be imported: {e}") from None
         return name, factory()
-    raise ValueError(f"extractor {name!r}: expected 'judge', 'pixels' or 'module:factory'")
+    raise InputError(f"extractor {name!r}: expected 'judge', 'pixels' or 'module:factory'")
 
 
 def _load_images(path) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -178,11 +180,11 @@ def _load_images(path) -> tuple[np.ndarray, np.ndarray | None, dict]:
             labels = data["arr_1"] if "arr_1" in data else None
             stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
     except KeyError:
-        raise ValueError(f"{path}: expected arr_0 (uint8 NHWC images)") from None
+        raise InputError(f"{path}: expected arr_0 (uint8 NHWC images)") from None
     except (OSError, EOFError, ValueError) as e:  # ValueError: not a zip (pickles refused)
-        raise ValueError(f"{path}: not a readable .npz ({e})") from None
+        raise InputError(f"{path}: not a readable .npz ({e})") from None
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 NHWC")
+        raise InputError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 NHWC")
     return images, labels, stats
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .demo import WEIGHTS_DIR
+from .errors import InputError
 
 
 class Judge(nn.Module):
@@ -57,6 +58,6 @@ def load_judge() -> Judge:
 def images_to_input(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC (1 or 3 channels) -> float [N, 1, H, W] in [-1, 1] (3 channels are averaged)."""
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"images: expected uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+        raise InputError(f"images: expected uint8 [N, H, W, C], got {images.dtype} {images.shape}")
     x = torch.from_numpy(images).float().permute(0, 3, 1, 2) / 127.5 - 1
     return x.mean(dim=1, keepdim=True) if x.shape[1] == 3 else x

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from fastsample.kernels.reference import group_norm_reference, split_qkv
 
+from .errors import InputError
+
 BACKENDS = ("torch", "triton", "onednn")
 
 
@@ -52,17 +54,17 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
             return "triton" if triton_available() else "torch"
         return "onednn" if device.type == "cpu" and onednn_available() else "torch"
     if name not in BACKENDS:
-        raise ValueError(f"backend {name!r}: expected 'auto', 'torch', 'triton' or 'onednn'")
+        raise InputError(f"backend {name!r}: expected 'auto', 'torch', 'triton' or 'onednn'")
     if name == "onednn":
         if device.type != "cpu":
-            raise ValueError(f"backend 'onednn' runs on the CPU (the network is on {device})")
+            raise InputError(f"backend 'onednn' runs on the CPU (the network is on {device})")
         if not onednn_available():
-            raise ValueError("backend 'onednn': this torch build has no oneDNN (mkldnn)")
+            raise InputError("backend 'onednn': this torch build has no oneDNN (mkldnn)")
     if name == "triton":
         if not triton_available():
-            raise ValueError("backend 'triton' needs Triton: pip install 'fastsample[triton]'")
+            raise InputError("backend 'triton' needs Triton: pip install 'fastsample[triton]'")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(
+            raise InputError(
                 f"backend 'triton' runs on CUDA devices (the network is on {device}); "
                 "set TRITON_INTERPRET=1 to interpret the kernels on the CPU"
             )

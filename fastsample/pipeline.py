@@ -21,6 +21,7 @@ import torch
 from . import sampler as samplers
 from .checkpoint import atomic_write, create_model, load_model, read_diffusion
 from .config import PRESETS, SuperResConfig
+from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
 from .guidance import classifier_guide
 from .schedule import Diffusion
 from .unet import Classifier, SuperResUNet, UNet
@@ -34,17 +35,17 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 def sample_seed(seed: int, index: int, stream: int = 0) -> int:
     """The generator seed of sample `index` of a run seeded with `seed` (stream 1: its label)."""
     if seed < 0 or index < 0:
-        raise ValueError(f"seed={seed}, index={index}: expected non-negative integers")
+        raise InputError(f"seed={seed}, index={index}: expected non-negative integers")
     return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0])
 
 
 def _noise_source(noise, seed, shape, steps: int, device) -> samplers.NoiseFn:
     if noise is not None and seed is not None:
-        raise ValueError("give noise or seed, not both")
+        raise InputError("give noise or seed, not both")
     if noise is not None:
         expected = (steps + 1, *shape)
         if tuple(noise.shape) != expected:
-            raise ValueError(
+            raise InputError(
                 f"noise of shape {tuple(noise.shape)}: expected {expected} "
                 "(x_T, then one draw per step)"
             )
@@ -57,7 +58,7 @@ def _noise_source(noise, seed, shape, steps: int, device) -> samplers.NoiseFn:
             seeds = list(seed)
         seeds = [int(s) for s in seeds]
         if len(seeds) != shape[0]:
-            raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}: expected one each")
+            raise InputError(f"{len(seeds)} seeds for a batch of {shape[0]}: expected one each")
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
         def draw(k: int) -> torch.Tensor:
@@ -71,11 +72,11 @@ def _noise_source(noise, seed, shape, steps: int, device) -> samplers.NoiseFn:
 
 def _check_labels(y: torch.Tensor, batch: int, classes: int, who: str) -> None:
     if y.shape != (batch,):
-        raise ValueError(f"y of shape {tuple(y.shape)}: expected ({batch},) class labels")
+        raise InputError(f"y of shape {tuple(y.shape)}: expected ({batch},) class labels")
     if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise ValueError(f"y has dtype {y.dtype}: expected integer class labels")
+        raise InputError(f"y has dtype {y.dtype}: expected integer class labels")
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise ValueError(f"class labels {y.tolist()}: {who} takes labels in 0..{classes - 1}")
+        raise InputError(f"class labels {y.tolist()}: {who} takes labels in 0..{classes - 1}")
 
 
 def sample(
@@ -129,7 +130,7 @@ def sample(
             callback=callback,
         )
     if not isinstance(model, UNet):
-        raise TypeError(
+        raise InputTypeError(
             f"model: expected a UNet or SuperResUNet for the eager backend, got "
             f"{type(model).__name__}"
         )
@@ -182,7 +183,7 @@ def check_classifier_fits(clf_cfg, channels: int, height: int, width: int) -> No
     """The guidance classifier must read the images the model makes."""
     size = clf_cfg.image_size
     if (clf_cfg.in_channels, size, size) != (channels, height, width):
-        raise ValueError(
+        raise InputError(
             f"the classifier reads {clf_cfg.in_channels}-channel {size}x{size} images but the "
             f"model makes {channels}-channel {height}x{width} ones: use the classifier trained "
             "at the model's resolution"
@@ -192,26 +193,26 @@ def check_classifier_fits(clf_cfg, channels: int, height: int, width: int) -> No
 def _check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, device):
     """Validate a sampling request -> (labels, labels for the model, low_res on device)."""
     if sampler not in samplers.SAMPLERS:
-        raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(samplers.SAMPLERS)}")
+        raise InputError(f"sampler {sampler!r}: expected one of {', '.join(samplers.SAMPLERS)}")
     if len(shape) != 4:
-        raise ValueError(f"shape {shape}: expected (batch, channels, height, width)")
+        raise InputError(f"shape {shape}: expected (batch, channels, height, width)")
     batch = shape[0]
     if shape[1] != cfg.in_channels:
-        raise ValueError(f"shape {shape}: the model makes {cfg.in_channels}-channel images")
+        raise InputError(f"shape {shape}: the model makes {cfg.in_channels}-channel images")
     conditional = cfg.num_classes is not None
     guided = clf_cfg is not None and guidance_scale != 0
     if guidance_scale != 0 and clf_cfg is None:
-        raise ValueError(f"guidance_scale={guidance_scale} needs a classifier")
+        raise InputError(f"guidance_scale={guidance_scale} needs a classifier")
     if guided:
         check_classifier_fits(clf_cfg, shape[1], shape[2], shape[3])
     if y is None and (conditional or guided):
-        raise ValueError(
+        raise InputError(
             "class labels y are needed: "
             + ("the model is class-conditional" if conditional else "classifier guidance")
         )
     if y is not None:
         if not (conditional or guided):
-            raise ValueError("y was given, but the model is unconditional and there is no guidance")
+            raise InputError("y was given, but the model is unconditional and there is no guidance")
         y = torch.as_tensor(y, device=device)
         if conditional:
             _check_labels(y, batch, cfg.num_classes, "the model")
@@ -221,14 +222,14 @@ def _check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, devi
     y_model = y if conditional else None
     if isinstance(cfg, SuperResConfig):
         if low_res is None:
-            raise ValueError("an upsampler needs low_res: [B, C, h, w] images in [-1, 1]")
+            raise InputError("an upsampler needs low_res: [B, C, h, w] images in [-1, 1]")
         low_res = low_res.to(device=device, dtype=torch.float32)
         if low_res.shape[:2] != shape[:2]:
-            raise ValueError(
+            raise InputError(
                 f"low_res of shape {tuple(low_res.shape)}: expected ({batch}, {shape[1]}, h, w)"
             )
     elif low_res is not None:
-        raise ValueError("low_res is for upsamplers; this model is not one")
+        raise InputError("low_res is for upsamplers; this model is not one")
     return y, y_model, low_res
 
 
@@ -288,19 +289,21 @@ def _sample_exported(
     from fastsample.export.runtime import BACKENDS, ExportedGraphs, graphs_for
 
     if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+        raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     if isinstance(model, ExportedGraphs):
         if classifier is not None:
-            raise ValueError(
+            raise InputError(
                 "classifier: an export carries its own gradient graph; pass classifier=None"
             )
         graphs = model
         if graphs.backend != backend:
-            raise ValueError(f"these graphs run on {graphs.backend!r}, not {backend!r}")
+            raise InputError(f"these graphs run on {graphs.backend!r}, not {backend!r}")
     elif isinstance(model, UNet):
         graphs = graphs_for(model, classifier if guidance_scale != 0 else None, backend, diffusion)
     else:
-        raise TypeError(f"model: expected a UNet or ExportedGraphs, got {type(model).__name__}")
+        raise InputTypeError(
+            f"model: expected a UNet or ExportedGraphs, got {type(model).__name__}"
+        )
     clf_cfg = graphs.classifier_config if graphs.classifier_grad is not None else None
     y, y_model, low_res = _check_inputs(
         graphs.config, clf_cfg, shape, y, low_res, sampler, guidance_scale, graphs.device
@@ -320,10 +323,6 @@ def _sample_exported(
         return_trajectory,
         callback,
     )
-
-
-class NonFiniteError(RuntimeError):
-    """Sampling produced NaN or inf; the message names the samples and the step."""
 
 
 class _FiniteWatch:
@@ -364,7 +363,7 @@ class Generation:
         if not overwrite:
             for p in paths.values():
                 if p.exists():
-                    raise FileExistsError(f"{p} exists; choose another directory or overwrite")
+                    raise OutputExistsError(f"{p} exists; choose another directory or overwrite")
         out.mkdir(parents=True, exist_ok=True)
         arrays = [self.images] + ([self.labels] if self.labels is not None else [])
         atomic_write(paths["npz"], lambda f: np.savez(f, *arrays))
@@ -400,7 +399,7 @@ def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role
             stacklevel=3,
         )
         return create_model(spec, device=device, dtype=dtype)
-    raise ValueError(
+    raise InputError(
         f"{role} {spec!r} is neither an existing checkpoint file nor a preset "
         f"(presets: {', '.join(PRESETS)})"
     )
@@ -428,14 +427,18 @@ class Pipeline:
         from fastsample.export.runtime import BACKENDS, require_backend
 
         if engine not in (None, "fast", "eager"):
-            raise ValueError(f"engine {engine!r}: expected 'fast' or 'eager'")
+            raise InputError(f"engine {engine!r}: expected 'fast' or 'eager'")
         if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+            raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
         require_backend(backend)
         if not isinstance(model, UNet):
-            raise TypeError(f"model: expected a UNet or SuperResUNet, got {type(model).__name__}")
+            raise InputTypeError(
+                f"model: expected a UNet or SuperResUNet, got {type(model).__name__}"
+            )
         if classifier is not None and not isinstance(classifier, Classifier):
-            raise TypeError(f"classifier: expected a Classifier, got {type(classifier).__name__}")
+            raise InputTypeError(
+                f"classifier: expected a Classifier, got {type(classifier).__name__}"
+            )
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
@@ -457,7 +460,7 @@ class Pipeline:
             check_classifier_fits(classifier.config, model.config.in_channels, size, size)
         self.preset = model.preset
         if classifier is None and guidance_scale:
-            raise ValueError(f"guidance_scale={float(guidance_scale)} needs a classifier")
+            raise InputError(f"guidance_scale={float(guidance_scale)} needs a classifier")
         if guidance_scale is None:
             preset = PRESETS.get(model.preset or "")
             guidance_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0
@@ -537,11 +540,11 @@ class Pipeline:
         net = _load_network(model, device, dtype, "model")
         clf = _load_network(classifier, device, None, "classifier") if classifier else None
         if not isinstance(net, UNet):
-            raise ValueError(
+            raise InputError(
                 f"model {str(model)!r} is a {type(net).__name__}, not a diffusion UNet"
             )
         if clf is not None and not isinstance(clf, Classifier):
-            raise ValueError(
+            raise InputError(
                 f"classifier {str(classifier)!r} is a {type(clf).__name__}, not a Classifier"
             )
         if diffusion is None:
@@ -666,13 +669,13 @@ class Pipeline:
         """generate()'s arguments checked and resolved: (diffusion, sampler, scale, labels,
         low_res)."""
         if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples={num_samples!r}: expected a positive integer")
+            raise InputError(f"num_samples={num_samples!r}: expected a positive integer")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+            raise InputError(f"batch_size={batch_size!r}: expected a positive integer")
         if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed={seed!r}: expected a non-negative integer")
+            raise InputError(f"seed={seed!r}: expected a non-negative integer")
         if not isinstance(first_index, int) or first_index < 0:
-            raise ValueError(f"first_index={first_index!r}: expected a non-negative integer")
+            raise InputError(f"first_index={first_index!r}: expected a non-negative integer")
         diffusion = self.diffusion if steps is None else self.diffusion.respaced(str(steps))
         if sampler is None:
             preset = PRESETS.get(self.preset or "")
@@ -682,7 +685,7 @@ class Pipeline:
                 sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
         scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         if scale != 0 and self.classifier_config is None:
-            raise ValueError(f"guidance_scale={scale} needs a classifier")
+            raise InputError(f"guidance_scale={scale} needs a classifier")
         labels = self._labels(num_samples, classes, seed, first_index)
         low = self._low_res(low_res, num_samples)
         return diffusion, sampler, scale, labels, low
@@ -722,7 +725,7 @@ class Pipeline:
     def _labels(self, n: int, classes, seed: int, first: int) -> np.ndarray | None:
         if not self.needs_labels:
             if classes is not None:
-                raise ValueError(
+                raise InputError(
                     "classes were given, but the model is unconditional and has no classifier"
                 )
             return None
@@ -737,26 +740,26 @@ class Pipeline:
             )
         wanted = [classes] if isinstance(classes, (int, np.integer)) else list(classes)
         if not wanted:
-            raise ValueError("classes is empty")
+            raise InputError("classes is empty")
         bad = [c for c in wanted if not isinstance(c, (int, np.integer)) or not 0 <= c < k]
         if bad:
-            raise ValueError(f"class labels {bad} out of range: expected integers in 0..{k - 1}")
+            raise InputError(f"class labels {bad} out of range: expected integers in 0..{k - 1}")
         return np.array([wanted[(first + i) % len(wanted)] for i in range(n)], dtype=np.int64)
 
     def _low_res(self, low_res: Any, n: int) -> torch.Tensor | None:
         if not isinstance(self.config, SuperResConfig):
             if low_res is not None:
-                raise ValueError("low_res is for upsamplers; this model is not one")
+                raise InputError("low_res is for upsamplers; this model is not one")
             return None
         if low_res is None:
-            raise ValueError("an upsampler needs low_res images (e.g. a base model's samples.npz)")
+            raise InputError("an upsampler needs low_res images (e.g. a base model's samples.npz)")
         if isinstance(low_res, np.ndarray) and low_res.dtype == np.uint8:
             # The reference's super_res_sample: NHWC uint8 -> NCHW float in [-1, 1].
             low_res = torch.from_numpy(low_res).float() / 127.5 - 1
             low_res = low_res.permute(0, 3, 1, 2)
         low_res = torch.as_tensor(low_res, dtype=torch.float32)
         if low_res.ndim != 4 or len(low_res) < n:
-            raise ValueError(
+            raise InputError(
                 f"low_res of shape {tuple(low_res.shape)}: expected at least {n} images"
             )
         return low_res[:n]

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import atomic_write, file_sha256
+from .errors import InputError, RunError
 
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
@@ -45,10 +46,6 @@ FORMAT = 1
 
 # One batch: (images uint8 NHWC, labels int64 or None) for samples first .. first + count - 1.
 BatchFn = Callable[[int, int], tuple[np.ndarray, "np.ndarray | None"]]
-
-
-class RunError(Exception):
-    """A run that cannot go on as asked; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,7 @@ class Shard:
 
 def plan(num_samples: int, batch_size: int) -> list[Shard]:
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(
+        raise InputError(
             f"num_samples={num_samples}, batch_size={batch_size}: expected positive integers"
         )
     return [

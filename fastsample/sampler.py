@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from .errors import InputError
 from .schedule import Diffusion
 
 SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
@@ -161,7 +162,7 @@ def ddim_loop(
 ) -> torch.Tensor:
     """DDIM with stochasticity eta (0: deterministic)."""
     if eta < 0:
-        raise ValueError(f"eta={eta}: expected >= 0")
+        raise InputError(f"eta={eta}: expected >= 0")
     x = noise(0)
     tab = step_tables(diffusion, x.device)
     sigma, sqrt_ac_prev, dir_coef = ddim_coefficients(diffusion, x.device, eta)
@@ -275,4 +276,4 @@ def run(
         return ddim_loop(net, diffusion, noise, eta=eta, **common)
     if sampler == "dpm++2m":
         return dpmpp_2m_loop(net, diffusion, noise, **common)
-    raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    raise InputError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")

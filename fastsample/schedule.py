@@ -15,6 +15,8 @@ from typing import Literal
 
 import numpy as np
 
+from .errors import InputError
+
 NoiseSchedule = Literal["linear", "cosine"]
 
 
@@ -41,12 +43,12 @@ def cosine_betas(steps: int, max_beta: float = 0.999) -> np.ndarray:
 
 def betas_for(name: str, steps: int) -> np.ndarray:
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"diffusion steps={steps!r}: expected a positive integer")
+        raise InputError(f"diffusion steps={steps!r}: expected a positive integer")
     if name == "linear":
         return linear_betas(steps)
     if name == "cosine":
         return cosine_betas(steps)
-    raise ValueError(f"noise schedule {name!r}: expected 'linear' or 'cosine'")
+    raise InputError(f"noise schedule {name!r}: expected 'linear' or 'cosine'")
 
 
 def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list[int]:
@@ -65,19 +67,19 @@ def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list
             try:
                 wanted = int(text[len("ddim") :])
             except ValueError:
-                raise ValueError(
+                raise InputError(
                     f"respacing {spec!r}: expected 'ddimN' with an integer N"
                 ) from None
             for stride in range(1, T):
                 if len(range(0, T, stride)) == wanted:
                     return list(range(0, T, stride))
-            raise ValueError(
+            raise InputError(
                 f"respacing {spec!r}: no integer stride gives exactly {wanted} steps out of {T}"
             )
         try:
             counts = [int(part) for part in text.split(",")]
         except ValueError:
-            raise ValueError(
+            raise InputError(
                 f"respacing {spec!r}: expected '', 'ddimN', or comma-separated step counts "
                 "such as '250' or '10,10,5'"
             ) from None
@@ -86,14 +88,14 @@ def space_timesteps(num_timesteps: int, spec: str | int | Sequence[int]) -> list
     else:
         counts = [int(c) for c in spec]
     if not counts or any(c < 1 for c in counts):
-        raise ValueError(f"respacing {spec!r}: step counts must be positive")
+        raise InputError(f"respacing {spec!r}: step counts must be positive")
     size_per, extra = divmod(T, len(counts))
     kept: set[int] = set()
     start = 0
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ValueError(
+            raise InputError(
                 f"respacing {spec!r}: cannot take {count} steps from a section of {size} (T={T})"
             )
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
@@ -143,7 +145,7 @@ def coefficients(betas: np.ndarray, timestep_map: Sequence[int]) -> Coefficients
     """GaussianDiffusion's derived arrays (Ho et al. eqs. 6-7), in float64."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
-        raise ValueError("betas must be a 1-D array in (0, 1]")
+        raise InputError("betas must be a 1-D array in (0, 1]")
     alphas = 1.0 - betas
     ac = np.cumprod(alphas)
     ac_prev = np.append(1.0, ac[:-1])

@@ -28,6 +28,7 @@ from .config import (
     super_res_config_from_flags,
     unet_config_from_flags,
 )
+from .errors import InputError, InputTypeError
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -232,7 +233,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, heads: int, order: str = "legacy"):
         super().__init__()
         if channels % heads:
-            raise ValueError(f"attention: {channels} channels do not split into {heads} heads")
+            raise InputError(f"attention: {channels} channels do not split into {heads} heads")
         self.heads, self.order = heads, order
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
@@ -305,7 +306,9 @@ class _Network(nn.Module):
                 config = self.config_class(*args, **kwargs)
             except TypeError as e:
                 fields = ", ".join(f.name for f in self.config_class.__dataclass_fields__.values())
-                raise TypeError(f"{type(self).__name__}: {e}; valid arguments: {fields}") from None
+                raise InputTypeError(
+                    f"{type(self).__name__}: {e}; valid arguments: {fields}"
+                ) from None
         self.config: NetworkConfig = config
         self.dtype: torch.dtype = torch.float16 if config.use_fp16 else torch.float32
         self.preset: str | None = None
@@ -348,7 +351,7 @@ class _Network(nn.Module):
         """Run the torso in `dtype` (float32, float16 or bfloat16), converting its convolutions
         the way the reference's convert_to_fp16() does. Returns self."""
         if dtype not in (torch.float32, *_LOW_PRECISION):
-            raise ValueError(
+            raise InputError(
                 f"dtype={dtype}: expected torch.float32, torch.float16 or torch.bfloat16"
             )
         for name in self._torso:
@@ -437,7 +440,7 @@ def _as_batch(t: torch.Tensor | float | int, n: int, device: torch.device) -> to
     if t.ndim == 0:
         t = t.expand(n)
     if t.shape != (n,):
-        raise ValueError(f"timesteps of shape {tuple(t.shape)}: expected ({n},) or a scalar")
+        raise InputError(f"timesteps of shape {tuple(t.shape)}: expected ({n},) or a scalar")
     return t
 
 
@@ -505,18 +508,18 @@ class UNet(_Network):
         n = x.shape[0]
         conditional = self.config.num_classes is not None
         if conditional and y is None:
-            raise ValueError(
+            raise InputError(
                 f"this model is class-conditional ({self.config.num_classes} classes): pass y"
             )
         if not conditional and y is not None:
-            raise ValueError("this model is unconditional: y must be None")
+            raise InputError("this model is unconditional: y must be None")
         self._check_torso_dtype()
         emb = self.time_embed(
             timestep_embedding(_as_batch(timesteps, n, x.device), self.config.model_channels)
         )
         if conditional:
             if y.shape != (n,):
-                raise ValueError(f"y of shape {tuple(y.shape)}: expected ({n},) class labels")
+                raise InputError(f"y of shape {tuple(y.shape)}: expected ({n},) class labels")
             emb = emb + self.label_emb(y)
         skips = []
         h = self._layout(x.to(self.dtype))
@@ -544,7 +547,7 @@ class SuperResUNet(UNet):
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if low_res is None:
-            raise ValueError("SuperResUNet needs low_res, the [N, 3, h, w] image to upsample")
+            raise InputError("SuperResUNet needs low_res, the [N, 3, h, w] image to upsample")
         upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
 
@@ -633,4 +636,4 @@ def network_class(config: NetworkConfig) -> type[_Network]:
         return Classifier
     if isinstance(config, UNetConfig):
         return UNet
-    raise TypeError(f"not a network config: {type(config).__name__}")
+    raise InputTypeError(f"not a network config: {type(config).__name__}")

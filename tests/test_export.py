@@ -390,7 +390,7 @@ def test_fp16_graph_keeps_norm_and_softmax_in_fp32(golden, tmp_path):
 
 
 def test_bf16_graph(golden, tmp_path):
-    from fastsample.export.bundle import BackendUnavailable
+    from fastsample.errors import BackendUnavailable
 
     config, g = golden
     unet = UNet(**config["unet_a"])

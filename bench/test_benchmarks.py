@@ -9,8 +9,8 @@ import torch
 
 import fastsample
 from bench.sample import _random, reference_style
-from fastsample.config import PRESETS
 from fastsample.guidance import classifier_guide
+from fastsample.presets import PRESETS
 
 pytest.importorskip("pytest_benchmark")
 

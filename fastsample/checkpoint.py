@@ -22,14 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .config import (
-    PRESETS,
-    NetworkConfig,
-    config_from_dict,
-    config_to_dict,
-    get_preset,
-)
+from .config import NetworkConfig, config_from_dict, config_to_dict
 from .errors import CheckpointError, InputError
+from .presets import PRESETS, get_preset
 from .schedule import Diffusion
 from .unet import _Network, network_class
 

@@ -42,7 +42,7 @@ def main() -> None:
 @main.command("presets")
 def presets_cmd() -> None:
     """List the released checkpoints with their README settings."""
-    from .config import PRESETS
+    from .presets import PRESETS
 
     for name, p in PRESETS.items():
         if p.diffusion is None:
@@ -212,8 +212,8 @@ def sample_cmd(
     import torch
 
     from . import runs
-    from .config import DEMO_UNET, PRESETS
     from .pipeline import Pipeline
+    from .presets import DEMO_UNET, PRESETS
 
     for name, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if value < 1:
@@ -349,7 +349,7 @@ def _identity(spec) -> dict:
     from pathlib import Path
 
     from . import runs
-    from .config import PRESETS
+    from .presets import PRESETS
 
     path = Path(str(spec))
     if path.is_dir() and (path / "manifest.json").is_file():
@@ -486,9 +486,9 @@ def export_cmd(
     schedule.json and manifest.json (sha256 of every file)."""
     import torch
 
-    from .config import DEMO_UNET, PRESETS
     from .export import export
     from .pipeline import Pipeline
+    from .presets import DEMO_UNET, PRESETS
 
     if model is None:
         model = DEMO_UNET
@@ -529,7 +529,7 @@ def _source_name(spec: str) -> str:
     """How the manifest names a network: a preset by name, a file by absolute path."""
     import os
 
-    from .config import PRESETS
+    from .presets import PRESETS
 
     if spec in PRESETS and not os.path.exists(spec):
         return spec

@@ -9,7 +9,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import create_model
-from .config import ClassifierConfig, NetworkConfig, Preset, SuperResConfig, get_preset
+from .config import ClassifierConfig, NetworkConfig, SuperResConfig
+from .presets import Preset, get_preset
 
 
 @dataclass

@@ -13,12 +13,12 @@ import fastsample
 from fastsample import Classifier, SuperResUNet, UNet, create_model
 from fastsample.config import (
     CLASSIFIER_SAMPLE_FLAGS,
-    RELEASED,
     ClassifierConfig,
     UNetConfig,
     parse_flags,
     unet_config_from_flags,
 )
+from fastsample.presets import RELEASED
 from fastsample.summary import summarize
 
 STEMS = manifest_stems()
@@ -193,3 +193,18 @@ def test_other_classifier_pools_run(pool):
     with torch.no_grad():
         logits = model(torch.randn(3, 3, 16, 16), torch.tensor([0, 10, 999]))
     assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+
+
+def test_presets_module_and_the_names_config_forwards_to_it():
+    import subprocess
+    import sys
+
+    from fastsample import config, presets
+
+    for name in ("PRESETS", "RELEASED", "DEMO_UNET", "DEMO_CLASSIFIER", "Preset", "get_preset"):
+        assert getattr(config, name) is getattr(sys.modules["fastsample.presets"], name)
+    # `fastsample.presets` reads as the mapping, whichever of the two it is bound to
+    assert list(presets) == list(config.PRESETS) and "demo-mnist" in presets
+    assert presets["demo-mnist"] is config.get_preset("demo-mnist") and len(presets) == 17
+    code = "import sys, fastsample.config; assert 'fastsample.presets' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 import fastsample
 from fastsample import Pipeline, load_model
 from fastsample.cli import main
-from fastsample.config import DEMO_CLASSIFIER, DEMO_UNET
 from fastsample.demo import WEIGHTS_DIR
+from fastsample.presets import DEMO_CLASSIFIER, DEMO_UNET
 
 
 def test_demo_weights_load_like_any_preset():

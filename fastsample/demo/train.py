@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_model, save_checkpoint
-from ..config import DEMO_CLASSIFIER, DEMO_UNET, PRESETS
 from ..judge import Judge
+from ..presets import DEMO_CLASSIFIER, DEMO_UNET, PRESETS
 from ..unet import Classifier, UNet
 from . import WEIGHTS_DIR
 from .data import load_mnist_32, split

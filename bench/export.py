@@ -119,11 +119,11 @@ def main() -> None:
                 if backend == "eager":
                     from fastsample.export.graphs import unet_graph
 
-                    from fastsample.guidance import classifier_guide
+                    from fastsample.netfns import guidance_fn
 
                     dev = device
                     net_module = unet_graph(eager_model)
-                    guide = classifier_guide(eager_clf, y.to(dev), 1.0) if eager_clf else None
+                    guide = guidance_fn(eager_clf, y.to(dev)) if eager_clf else None
 
                     def step(net_module=net_module, guide=guide, dev=dev, x=x, t=t, y=y):
                         xs, ts, ys = x.to(dev), t.to(dev), y.to(dev)
@@ -137,7 +137,7 @@ def main() -> None:
                 else:
                     g = graphs[backend]
                     dev = g.device
-                    net = g.net_fn(y=y.to(dev) if cfg.num_classes else None)
+                    net = g.model_fn(y=y.to(dev) if cfg.num_classes else None)
 
                     def step(g=g, net=net, dev=dev, x=x, t=t, y=y):
                         xs, ts = x.to(dev), t.to(dev)

@@ -107,7 +107,7 @@ def _group_norm_rows(b, dtype, size, bandwidth, gen) -> list[dict]:
         args = (x, 32, w, bias, 1e-5, sc, sh, ss)
 
         def fast(x=x, w=w, bias=bias, sc=sc, sh=sh, ss=ss):
-            return ops.group_norm(x, 32, w, bias, scale=sc, shift=sh, silu=ss, backend="triton")
+            return ops.group_norm(x, 32, w, bias, scale=sc, shift=sh, silu=ss, kernels="triton")
 
         err = _rel(fast(), group_norm_reference(*args))
         t_fast = _bench(fast)

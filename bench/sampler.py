@@ -19,7 +19,7 @@ import torch
 import fastsample
 from bench.common import commit, median_seconds, randomize
 from fastsample import sampler as samplers
-from fastsample.guidance import classifier_guide
+from fastsample.netfns import guidance_fn
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     with torch.no_grad():
         out = model(x, t, y if cfg.num_classes else None)
         unet_s = median_seconds(lambda: model(x, t, y if cfg.num_classes else None), 2)
-    guide = classifier_guide(classifier, y, 1.0) if classifier is not None else None
+    guide = guidance_fn(classifier, y) if classifier is not None else None
     grad_s = median_seconds(lambda: guide(x, t), 2) if guide is not None else 0.0
     grad = guide(x, t) if guide is not None else None
 
@@ -76,7 +76,9 @@ def main() -> None:
         for guided in (False, True) if guide is not None else (False,):
             g = stand_in_guide if guided else None
             loop_s = median_seconds(
-                lambda name=name, g=g: samplers.run(name, stand_in_net, diffusion, noise, guide=g),
+                lambda name=name, g=g: samplers.run(
+                    name, stand_in_net, diffusion, noise, guidance=g, guidance_scale=1.0
+                ),
                 args.repeats,
             )
             overhead = loop_s / n

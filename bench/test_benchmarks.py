@@ -9,7 +9,7 @@ import torch
 
 import fastsample
 from bench.sample import _random, reference_style
-from fastsample.guidance import classifier_guide
+from fastsample.netfns import guidance_fn, scaled
 from fastsample.presets import PRESETS
 
 pytest.importorskip("pytest_benchmark")
@@ -19,20 +19,20 @@ def _setup(full: bool, path: str):
     name = "64x64_diffusion" if full else "demo-mnist"
     preset = PRESETS[name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "torch" if path == "reference" else "auto"
+    kernels = "torch" if path == "reference" else "auto"
     if full:
-        model = _random(name, 0, device, backend=backend)
-        clf = _random(preset.classifier, 1, device, backend=backend)
+        model = _random(name, 0, device, kernels=kernels)
+        clf = _random(preset.classifier, 1, device, kernels=kernels)
     else:
-        model = fastsample.load_model(name, device=device, backend=backend)
-        clf = fastsample.load_model(preset.classifier, device=device, backend=backend)
+        model = fastsample.load_model(name, device=device, kernels=kernels)
+        clf = fastsample.load_model(preset.classifier, device=device, kernels=kernels)
     if path == "reference":
         clf = reference_style(clf)
     cfg = model.config
     x = torch.randn(1, cfg.in_channels, cfg.image_size, cfg.image_size, device=device)
     t = torch.tensor([500], device=device)
     y = torch.zeros(1, dtype=torch.long, device=device)
-    guide = classifier_guide(clf, y, 2.5)
+    guide = scaled(guidance_fn(clf, y), 2.5)
 
     def step():
         with torch.no_grad():

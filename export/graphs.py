@@ -2,7 +2,8 @@
 
 - `UNetGraph`: (x_t, t[, low_res][, y]) -> the network output (eps and, with learned sigma, the
   variance interpolation values). t is float32, as the network's timestep embedding reads it.
-- `classifier_grad_graph`: (x_t, t, y) -> grad_x log p(y | x_t), unscaled. `torch.export` and
+- `classifier_grad_graph`: (x_t, t, y) -> grad_x log p(y | x_t), unscaled (the seam's
+  `fastsample.netfns.log_prob_grad`, traced). `torch.export` and
   the ONNX exporters cannot trace `torch.autograd.grad`, so the input gradient is first traced
   into a plain forward graph with `make_fx` (a symbolic batch dimension, core ATen
   decompositions, weights passed explicitly and frozen), with decompositions for the two
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastsample.netfns import call_model, log_prob_grad
 from fastsample.unet import Classifier, SuperResUNet, UNet
 
 aten = torch.ops.aten
@@ -102,9 +104,7 @@ class UNetGraph(torch.nn.Module):
         return GraphIO(tuple(inputs), (("out", "float32", (None, cfg.out_channels, s, s)),))
 
     def run(self, x, t, low_res=None, y=None):
-        if self.super_res:
-            return self.model(x, t, low_res=low_res, y=y)
-        return self.model(x, t, y)
+        return call_model(self.model, x, t, y, low_res)
 
 
 # torch.export wants a fixed signature: one subclass per input set.
@@ -260,13 +260,9 @@ def classifier_grad_graph(classifier: Classifier) -> ClassifierGradGraph:
 
     def grad_fn(x, t, y, *ws):
         state = dict(zip(names, ws, strict=True))
-        with torch.enable_grad():
-            x_in = x.detach().requires_grad_(True)
-            logits = torch.func.functional_call(classifier, state, (x_in, t))
-            log_probs = F.log_softmax(logits.float(), dim=-1)
-            selected = log_probs.gather(1, y[:, None]).sum()
-            (grad,) = torch.autograd.grad(selected, x_in)
-        return grad
+        return log_prob_grad(
+            lambda x_in: torch.func.functional_call(classifier, state, (x_in, t)), x, y
+        )
 
     io = classifier_io(classifier)
     example = io.example(EXAMPLE_BATCH, classes=classifier.config.out_channels)

@@ -1,5 +1,6 @@
 """Running an export directory: the UNet and the guidance gradient on ONNX Runtime, TensorRT or
-AOTInductor, behind the same `net(x, t)` / `guide(x, t)` seam as the eager networks."""
+AOTInductor, behind the same seam as the eager networks (`fastsample.netfns`): `model_fn` gives
+`model(x, t)` and `guidance_fn` the unscaled gradient `guidance(x, t)`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Any
 
 import torch
 
+from fastsample._deprecation import _UNSET, renamed
 from fastsample.config import config_from_dict
 from fastsample.errors import ExportError, InputError, IntegrityError
+from fastsample.sampling import RUNTIMES
 from fastsample.schedule import Diffusion
 
 from .bundle import (
@@ -24,13 +27,13 @@ from .bundle import (
     weights_sha256,
 )
 
-BACKENDS = ("eager", "onnxruntime", "tensorrt", "aoti")
-# Which export target each backend runs from.
+BACKENDS = RUNTIMES  # the old name
+# Which export target each runtime runs from.
 _TARGET_OF = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "aoti": "aoti"}
 
 
 class ExportedGraphs:
-    """An export directory loaded on one backend.
+    """An export directory loaded on one runtime.
 
     `unet(x, t[, low_res][, y])` and `classifier_grad(x, t, y)` take and return torch tensors
     (float32 images, float32 t, int64 y) on `device`. Hashes are checked on load."""
@@ -38,28 +41,30 @@ class ExportedGraphs:
     def __init__(
         self,
         directory: str | os.PathLike,
-        backend: str | None = None,
+        runtime: str | None = None,
         device: str | None = None,
         providers: list[str] | None = None,
+        backend=_UNSET,
     ):
+        runtime = renamed("runtime", runtime, "backend", backend, None)
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
         bad = check_hashes(self.directory, self.manifest)
         if bad:
             raise IntegrityError(f"{self.directory}: {'; '.join(bad)}")
         target = self.manifest["target"]
-        if backend is None:
-            backend = {v: k for k, v in _TARGET_OF.items()}[target]
-        if backend not in _TARGET_OF:
-            raise ExportError(f"backend {backend!r}: expected one of {', '.join(_TARGET_OF)}")
-        want = _TARGET_OF[backend]
+        if runtime is None:
+            runtime = {v: k for k, v in _TARGET_OF.items()}[target]
+        if runtime not in _TARGET_OF:
+            raise ExportError(f"runtime {runtime!r}: expected one of {', '.join(_TARGET_OF)}")
+        want = _TARGET_OF[runtime]
         # A TensorRT engine can be built from an ONNX export on the spot.
-        if want != target and not (backend == "tensorrt" and target == "onnx"):
+        if want != target and not (runtime == "tensorrt" and target == "onnx"):
             raise ExportError(
-                f"{self.directory} holds a {target!r} export; backend {backend!r} needs "
+                f"{self.directory} holds a {target!r} export; runtime {runtime!r} needs "
                 f"--target {want}"
             )
-        self.backend = backend
+        self.runtime = runtime
         self.schedule = json.loads((self.directory / "schedule.json").read_text())
         self.diffusion: Diffusion = diffusion_from_schedule(self.schedule)
         self.config = config_from_dict(self.manifest["model"]["config"])
@@ -74,13 +79,13 @@ class ExportedGraphs:
 
     def _load(self, name: str, entry: dict, device: str | None, providers):
         io = graph_io(entry)
-        if self.backend == "onnxruntime":
+        if self.runtime == "onnxruntime":
             from .onnx import OrtGraph, choose_providers
 
             return OrtGraph(
                 self.directory / entry["file"], io, providers or choose_providers(device=device)
             )
-        if self.backend == "aoti":
+        if self.runtime == "aoti":
             from .aoti import AotiGraph
 
             return AotiGraph(self.directory / entry["file"], io, self.manifest["device"])
@@ -107,37 +112,41 @@ class ExportedGraphs:
     def super_res(self) -> bool:
         return self.manifest["model"]["kind"] == "SuperResUNet"
 
-    def net_fn(self, y: torch.Tensor | None = None, low_res: torch.Tensor | None = None):
-        """net(x, t) for the samplers."""
+    @property
+    def backend(self) -> str:  # the old name of runtime
+        return self.runtime
+
+    def model_fn(self, y: torch.Tensor | None = None, low_res: torch.Tensor | None = None):
+        """model(x, t) for the solvers: the exported UNet, labels and low_res bound."""
         extra = []
         if self.super_res:
             extra.append(low_res)
         if self.config.num_classes is not None:
             extra.append(y)
 
-        def net(x, t):
+        def model(x, t):
             return self.unet(x, t.float(), *extra)
 
-        return net
+        return model
 
-    def guide_fn(self, y: torch.Tensor, scale: float):
-        """guide(x, t) = scale * the exported gradient, for the samplers."""
+    def guidance_fn(self, y: torch.Tensor):
+        """The exported classifier gradient for labels y (unscaled), for the solvers."""
         if self.classifier_grad is None:
             raise ExportError(f"{self.directory} has no classifier_grad graph")
 
-        def guide(x, t):
-            return self.classifier_grad(x, t.float(), y) * scale
+        def guidance(x, t):
+            return self.classifier_grad(x, t.float(), y)
 
-        return guide
+        return guidance
 
 
-def require_backend(backend: str) -> None:
-    """Refuse at once (BackendUnavailable) where a backend's package or device is missing."""
-    if backend == "onnxruntime":
+def require_runtime(runtime: str) -> None:
+    """Refuse at once (BackendUnavailable) where a runtime's package or device is missing."""
+    if runtime == "onnxruntime":
         from .onnx import require_onnxruntime
 
         require_onnxruntime()
-    elif backend == "tensorrt":
+    elif runtime == "tensorrt":
         from .tensorrt import require_tensorrt
 
         require_tensorrt()
@@ -147,29 +156,32 @@ def _cache_root() -> Path:
     return Path(os.environ.get("FASTSAMPLE_CACHE") or Path.home() / ".cache" / "fastsample")
 
 
+require_backend = require_runtime  # the old name
+
+
 def graphs_for(
     model,
     classifier,
-    backend: str,
+    runtime: str,
     diffusion: Diffusion,
     max_batch: int = 64,
     device: str | None = None,
 ) -> ExportedGraphs:
-    """Export (once, into the cache) and load the graphs of eager networks for a backend.
+    """Export (once, into the cache) and load the graphs of eager networks for a runtime.
 
     Loaded graphs are kept per network object while its weights are unchanged (torch's
     in-place version counters), so repeated calls neither re-hash the weights nor reopen
     sessions."""
-    if backend not in _TARGET_OF:
-        raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    require_backend(backend)
-    memo_key = (backend, device, max_batch, model.dtype, *_versions(model),
+    if runtime not in _TARGET_OF:
+        raise InputError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+    require_runtime(runtime)
+    memo_key = (runtime, device, max_batch, model.dtype, *_versions(model),
                 id(classifier), *_versions(classifier))  # fmt: skip
     loaded = _LOADED.setdefault(model, {})
     if memo_key not in loaded:
         loaded.clear()  # weights or settings changed: drop the stale sessions
         loaded[memo_key] = _export_and_load(
-            model, classifier, backend, diffusion, max_batch, device
+            model, classifier, runtime, diffusion, max_batch, device
         )
     return loaded[memo_key]
 
@@ -183,11 +195,11 @@ def _versions(module) -> tuple[int, ...]:
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _export_and_load(model, classifier, backend, diffusion, max_batch, device) -> ExportedGraphs:
+def _export_and_load(model, classifier, runtime, diffusion, max_batch, device) -> ExportedGraphs:
     from .bundle import DTYPES, export
 
     dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
-    target = "onnx" if backend in ("onnxruntime", "tensorrt") else "aoti"
+    target = "onnx" if runtime in ("onnxruntime", "tensorrt") else "aoti"
     aoti_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     key_parts = [
         weights_sha256(model),
@@ -212,4 +224,4 @@ def _export_and_load(model, classifier, backend, diffusion, max_batch, device) -
             device=aoti_device,
             overwrite=True,
         )
-    return ExportedGraphs(out, backend=backend, device=device)
+    return ExportedGraphs(out, runtime=runtime, device=device)

@@ -87,7 +87,7 @@ def verify(
 ) -> list[Check]:
     """Check an export; returns one Check per graph, batch and output (see the module doc).
     Raises ExportError on hash mismatches and unusable directories."""
-    from fastsample.guidance import classifier_guide
+    from fastsample.netfns import guidance_fn
 
     from .graphs import unet_graph
     from .runtime import ExportedGraphs
@@ -108,7 +108,7 @@ def verify(
         clf = _eager(manifest["classifier"], classifier, "classifier", dtype, device)
 
         def grad(x, t, y):
-            return classifier_guide(clf, y, 1.0)(x, t)
+            return guidance_fn(clf, y)(x, t)
 
         eager["classifier_grad"] = grad
     gen = torch.Generator().manual_seed(seed)

@@ -30,9 +30,9 @@ _EXPORTS = {
     "Diffusion": ("schedule", "Diffusion"),
     "Generation": ("pipeline", "Generation"),
     "Pipeline": ("pipeline", "Pipeline"),
-    "sample": ("pipeline", "sample"),
-    "sample_seed": ("pipeline", "sample_seed"),
-    "to_uint8": ("pipeline", "to_uint8"),
+    "sample": ("sampling", "sample"),
+    "sample_seed": ("sampling", "sample_seed"),
+    "to_uint8": ("image_io", "to_uint8"),
 }
 
 __all__ = [
@@ -80,6 +80,8 @@ if TYPE_CHECKING:  # for type checkers and editors
     from .config import PRESETS as presets
     from .config import ClassifierConfig, Preset, SuperResConfig, UNetConfig
     from .errors import CheckpointError, InputError, NonFiniteError
-    from .pipeline import Generation, Pipeline, sample, sample_seed, to_uint8
+    from .image_io import to_uint8
+    from .pipeline import Generation, Pipeline
+    from .sampling import sample, sample_seed
     from .schedule import Diffusion
     from .unet import Classifier, SuperResUNet, UNet

@@ -1,8 +1,9 @@
 """The kernel seam: every GroupNorm (with its scale-shift and SiLU), every attention and every
-2-D convolution of the networks goes through here, on one of three backends:
+2-D convolution of the networks goes through here, on one of three kernel implementations
+(`kernels=`):
 
 - "torch": plain torch with ADM's numerics, op for op as the reference computes them (the export
-  path, and what the kernels and the other backends are tested against);
+  path, and what the Triton kernels and the onednn path are tested against);
 - "triton": the fused kernels of `fastsample.kernels` (CUDA; on the CPU only under
   TRITON_INTERPRET=1, for tests);
 - "onednn": the CPU path. Activations channels_last, convolutions on oneDNN with their weights
@@ -11,25 +12,25 @@
   fused scaled-dot-product attention on [N, T, C] tokens. fp32 on CPU only; anything else (other
   dtypes, trainable weights, strided or grouped convolutions) runs the torch ops.
 
-A network picks its backend once, when it is built, loaded or moved ("auto": triton on CUDA
-where Triton is installed, onednn on a CPU torch built with it, else torch);
-`model.set_backend(...)` switches it.
+A network holds its choice in one `KernelChoice`, shared by its modules and resolved per device
+when they run ("auto": triton on CUDA where Triton is installed, onednn on a CPU torch built with
+it, else torch); `model.set_kernels(...)` changes it.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-from fastsample.kernels.reference import group_norm_reference, split_qkv
+from fastsample.kernels.reference import attention_reference, group_norm_reference
 
 from .errors import InputError
 
-BACKENDS = ("torch", "triton", "onednn")
+KERNELS = ("torch", "triton", "onednn")
+BACKENDS = KERNELS  # the old name
 
 
 def triton_available() -> bool:
@@ -44,7 +45,7 @@ def onednn_available() -> bool:
     )
 
 
-def resolve_backend(name: str, device: torch.device | str) -> str:
+def resolve_kernels(name: str, device: torch.device | str) -> str:
     """ "auto" -> "triton" on CUDA where Triton is installed, "onednn" on the CPU where torch has
     it, else "torch"; checks the others."""
     device = torch.device(device)
@@ -53,22 +54,53 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
         if device.type == "cuda":
             return "triton" if triton_available() else "torch"
         return "onednn" if device.type == "cpu" and onednn_available() else "torch"
-    if name not in BACKENDS:
-        raise InputError(f"backend {name!r}: expected 'auto', 'torch', 'triton' or 'onednn'")
+    if name not in KERNELS:
+        raise InputError(f"kernels {name!r}: expected 'auto', 'torch', 'triton' or 'onednn'")
     if name == "onednn":
         if device.type != "cpu":
-            raise InputError(f"backend 'onednn' runs on the CPU (the network is on {device})")
+            raise InputError(f"kernels 'onednn' run on the CPU (the network is on {device})")
         if not onednn_available():
-            raise InputError("backend 'onednn': this torch build has no oneDNN (mkldnn)")
+            raise InputError("kernels 'onednn': this torch build has no oneDNN (mkldnn)")
     if name == "triton":
         if not triton_available():
-            raise InputError("backend 'triton' needs Triton: pip install 'fastsample[triton]'")
+            raise InputError("kernels 'triton' need Triton: pip install 'fastsample[triton]'")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise InputError(
-                f"backend 'triton' runs on CUDA devices (the network is on {device}); "
+                f"kernels 'triton' run on CUDA devices (the network is on {device}); "
                 "set TRITON_INTERPRET=1 to interpret the kernels on the CPU"
             )
     return name
+
+
+resolve_backend = resolve_kernels  # the old name
+
+
+class KernelChoice:
+    """One network's kernel choice: set once, read by each of its modules when they run, and
+    resolved per device type ("auto" picks for the device the tensors are on)."""
+
+    __slots__ = ("requested", "_resolved")
+
+    def __init__(self, requested: str = "torch"):
+        self.requested = requested
+        self._resolved: dict[str, str] = {}
+
+    def set(self, name: str, device: torch.device | str) -> None:
+        resolve_kernels(name, device)  # refuses what cannot run there
+        self.requested = name
+        self._resolved = {}
+
+    def on(self, device: torch.device) -> str:
+        resolved = self._resolved.get(device.type)
+        if resolved is None:
+            resolved = self.requested
+            if resolved == "auto":
+                resolved = resolve_kernels("auto", device)
+            self._resolved[device.type] = resolved
+        return resolved
+
+
+TORCH = KernelChoice("torch")  # modules outside a network: the plain torch ops
 
 
 def group_norm(
@@ -81,18 +113,18 @@ def group_norm(
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
     silu: bool = False,
-    backend: str = "torch",
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """ADM's GroupNorm32 (statistics and affine in float32, result in x's dtype), then
     `* (1 + scale) + shift` (scale, shift: [N, C]) and SiLU when asked."""
-    if backend == "triton":
+    if kernels == "triton":
         from fastsample.kernels import group_norm as kernel
 
         if kernel.supports(x, num_groups):
             return kernel.group_norm(
                 x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu
             )
-    if backend == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu":
+    if kernels == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu":
         return _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu)
     return group_norm_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
 
@@ -120,34 +152,16 @@ def qkv_attention(
     heads: int,
     order: str = "legacy",
     queries: int | None = None,
-    backend: str = "torch",
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """Multi-head attention on a fused [N, 3*H*D, T] projection -> [N, H*D, queries or T]
     (layouts: see fastsample.kernels.attention)."""
-    if backend == "triton":
+    if kernels == "triton":
         from fastsample.kernels import attention as kernel
 
         if kernel.supports(qkv, heads):
             return kernel.attention(qkv, heads, order, queries)
-    n, width, _ = qkv.shape
-    ch = width // (3 * heads)
-    q, k, v = split_qkv(qkv, heads, order)
-    if queries is not None:
-        q = q[..., :queries]
-    out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2).reshape(n, heads * ch, out.shape[-2])
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention as ADM computes it: q and k each scaled by head_dim**-0.25 before the
-    product, softmax in float32, cast back to the working dtype.
-
-    q: [..., Tq, D], k and v: [..., Tk, D] (any strides) -> [..., Tq, D].
-    """
-    scale = 1 / math.sqrt(math.sqrt(q.shape[-1]))
-    weight = torch.matmul(q * scale, (k * scale).transpose(-1, -2))  # [..., Tq, Tk]
-    weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-    return torch.matmul(weight, v)
+    return attention_reference(qkv, heads, order, queries)
 
 
 def token_attention(qkv: torch.Tensor, heads: int, order: str = "legacy") -> torch.Tensor:
@@ -166,7 +180,7 @@ def token_attention(qkv: torch.Tensor, heads: int, order: str = "legacy") -> tor
 
 
 def onednn_eligible(x: torch.Tensor) -> bool:
-    """Whether the onednn backend's fast path takes this activation (else the torch ops)."""
+    """Whether the onednn kernels' fast path takes this activation (else the torch ops)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4
 
 
@@ -301,12 +315,12 @@ def _pack_key(conv: torch.nn.Conv2d) -> tuple:
     return (w.data_ptr(), w._version, None if b is None else (b.data_ptr(), b._version))
 
 
-def conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-    """conv(x); on the onednn backend with pre-packed weights where it applies (fp32 on the
+def conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
+    """conv(x); on the onednn kernels with pre-packed weights where it applies (fp32 on the
     CPU, groups 1, zero padding, weights frozen where autograd records)."""
     args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if (
-        backend != "onednn"
+        kernels != "onednn"
         or not onednn_eligible(x)
         or conv.weight.dtype != torch.float32
         or conv.groups != 1
@@ -343,13 +357,13 @@ class _PackedLinear:
                                                   "")  # fmt: skip
 
 
-def linear(module: torch.nn.Module, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+def linear(module: torch.nn.Module, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
     """A 1x1 projection (an nn.Conv1d with kernel 1, or an nn.Linear) applied to tokens
-    [..., I] -> [..., O]; pre-packed oneDNN weights on the onednn backend (fp32 CPU, frozen
+    [..., I] -> [..., O]; pre-packed oneDNN weights on the onednn kernels (fp32 CPU, frozen
     weights where autograd records)."""
     weight = module.weight.flatten(1)
     if (
-        backend != "onednn"
+        kernels != "onednn"
         or x.device.type != "cpu"
         or x.dtype != torch.float32
         or weight.dtype != torch.float32
@@ -377,12 +391,14 @@ def _packed_apply(module, x, pack, fallback, *args):
 
 __all__ = [
     "BACKENDS",
-    "attention",
+    "KERNELS",
+    "KernelChoice",
     "conv2d",
     "group_norm",
     "linear",
     "onednn_available",
     "qkv_attention",
     "resolve_backend",
+    "resolve_kernels",
     "token_attention",
 ]

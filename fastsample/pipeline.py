@@ -1,328 +1,45 @@
-"""Generation: `sample` for one batch, `Pipeline` for many images with per-sample seeds.
+"""Batched generation: `Pipeline.generate` draws many images with per-sample seeds and labels,
+in batches, retrying a batch in float32 where low precision overflowed; `Generation` holds and
+saves the result.
 
-Randomness is an argument: explicit noise, per-sample seeds (a sample depends only on its seed,
-never on its batch), or, with neither, torch's global generator drawn in the reference's order
-(x_T with one randn, then one randn per step, also at the last step and for eta = 0).
+A Pipeline runs one of three ways: the eager networks (`fastsample.sampling.sample`), the fast
+engine (`fastsample.engine`, the default on CUDA), or exported graphs on another runtime
+(`runtime=`, or `Pipeline.from_export(dir)`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from . import sampler as samplers
-from .checkpoint import atomic_write, create_model, load_model, read_diffusion
-from .config import PRESETS, SuperResConfig
+from . import sampler as solvers
+from ._deprecation import _UNSET, renamed
+from .checkpoint import create_model, load_model, read_diffusion
+from .config import SuperResConfig
 from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
-from .guidance import classifier_guide
+from .image_io import atomic_write, image_grid, to_uint8, write_npz
+from .presets import PRESETS
+from .sampling import (
+    Runtime,
+    check_classifier_fits,
+    check_inputs,
+    check_runtime,
+    noise_source,
+    sample,
+    sample_seed,
+)
 from .schedule import Diffusion
-from .unet import Classifier, SuperResUNet, UNet
+from .unet import Classifier, UNet
 
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8, truncating as the reference does."""
-    return ((x + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def sample_seed(seed: int, index: int, stream: int = 0) -> int:
-    """The generator seed of sample `index` of a run seeded with `seed` (stream 1: its label)."""
-    if seed < 0 or index < 0:
-        raise InputError(f"seed={seed}, index={index}: expected non-negative integers")
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0])
-
-
-def _noise_source(noise, seed, shape, steps: int, device) -> samplers.NoiseFn:
-    if noise is not None and seed is not None:
-        raise InputError("give noise or seed, not both")
-    if noise is not None:
-        expected = (steps + 1, *shape)
-        if tuple(noise.shape) != expected:
-            raise InputError(
-                f"noise of shape {tuple(noise.shape)}: expected {expected} "
-                "(x_T, then one draw per step)"
-            )
-        noise = noise.to(device=device, dtype=torch.float32)
-        return lambda k: noise[k]
-    if seed is not None:
-        if isinstance(seed, (int, np.integer)):
-            seeds = [sample_seed(int(seed), b) for b in range(shape[0])]
-        else:
-            seeds = list(seed)
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != shape[0]:
-            raise InputError(f"{len(seeds)} seeds for a batch of {shape[0]}: expected one each")
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-        def draw(k: int) -> torch.Tensor:
-            return torch.stack(
-                [torch.randn(shape[1:], generator=g, device=device) for g in generators]
-            )
-
-        return draw
-    return lambda k: torch.randn(shape, device=device)
-
-
-def _check_labels(y: torch.Tensor, batch: int, classes: int, who: str) -> None:
-    if y.shape != (batch,):
-        raise InputError(f"y of shape {tuple(y.shape)}: expected ({batch},) class labels")
-    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise InputError(f"y has dtype {y.dtype}: expected integer class labels")
-    if len(y) and (int(y.min()) < 0 or int(y.max()) >= classes):
-        raise InputError(f"class labels {y.tolist()}: {who} takes labels in 0..{classes - 1}")
-
-
-def sample(
-    model: UNet,
-    diffusion: Diffusion,
-    shape: Sequence[int],
-    *,
-    y: torch.Tensor | None = None,
-    low_res: torch.Tensor | None = None,
-    sampler: samplers.SamplerName = "ddpm",
-    eta: float = 0.0,
-    classifier: Classifier | None = None,
-    guidance_scale: float = 0.0,
-    clip_denoised: bool = True,
-    noise: torch.Tensor | None = None,
-    seed: int | Sequence[int] | None = None,
-    progress: bool = False,
-    return_trajectory: bool = False,
-    callback: samplers.StepCallback | None = None,
-    backend: str = "eager",
-) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Draw one batch of samples [B, C, H, W] (on the [-1, 1] scale, not clipped: see to_uint8).
-
-    noise: [steps + 1, B, C, H, W]: x_T, then the fresh noise of each step, in the reference's
-    order. seed: an int (sample b gets sample_seed(seed, b)) or one generator seed per sample.
-    classifier + guidance_scale: classifier guidance with labels y (for an unconditional model,
-    y goes to the classifier only).
-    backend: "eager" runs the torch modules; "onnxruntime", "tensorrt" and "aoti" run exported
-    graphs of the UNet and of the guidance gradient. model may then be an ExportedGraphs
-    (`fastsample.export.load(dir)`), whose own gradient graph guides; eager networks are
-    exported once into the cache (FASTSAMPLE_CACHE, default ~/.cache/fastsample).
-    """
-    shape = tuple(int(s) for s in shape)
-    if backend != "eager":
-        return _sample_exported(
-            model,
-            diffusion,
-            shape,
-            backend,
-            y=y,
-            low_res=low_res,
-            sampler=sampler,
-            eta=eta,
-            classifier=classifier,
-            guidance_scale=guidance_scale,
-            clip_denoised=clip_denoised,
-            noise=noise,
-            seed=seed,
-            progress=progress,
-            return_trajectory=return_trajectory,
-            callback=callback,
-        )
-    if not isinstance(model, UNet):
-        raise InputTypeError(
-            f"model: expected a UNet or SuperResUNet for the eager backend, got "
-            f"{type(model).__name__}"
-        )
-    device = next(model.parameters()).device
-    y, y_model, low_res = _check_inputs(
-        model.config,
-        classifier.config if classifier is not None else None,
-        shape,
-        y,
-        low_res,
-        sampler,
-        guidance_scale,
-        device,
-    )
-    if isinstance(model, SuperResUNet):
-
-        def net(x, t):
-            return model(x, t, low_res=low_res, y=y_model)
-    else:
-
-        def net(x, t):
-            return model(x, t, y_model)
-
-    guided = classifier is not None and guidance_scale != 0
-    guide = classifier_guide(classifier, y, guidance_scale) if guided else None
-    draw = _noise_source(noise, seed, shape, diffusion.num_steps, device)
-    # Sampling always runs the networks in eval mode (dropout off); their mode is restored.
-    modes = [(m, m.training) for m in (model, classifier) if m is not None]
-    try:
-        for m, _ in modes:
-            m.eval()
-        return _run(
-            sampler,
-            net,
-            guide,
-            diffusion,
-            draw,
-            eta,
-            clip_denoised,
-            progress,
-            return_trajectory,
-            callback,
-        )
-    finally:
-        for m, training in modes:
-            m.train(training)
-
-
-def check_classifier_fits(clf_cfg, channels: int, height: int, width: int) -> None:
-    """The guidance classifier must read the images the model makes."""
-    size = clf_cfg.image_size
-    if (clf_cfg.in_channels, size, size) != (channels, height, width):
-        raise InputError(
-            f"the classifier reads {clf_cfg.in_channels}-channel {size}x{size} images but the "
-            f"model makes {channels}-channel {height}x{width} ones: use the classifier trained "
-            "at the model's resolution"
-        )
-
-
-def _check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, device):
-    """Validate a sampling request -> (labels, labels for the model, low_res on device)."""
-    if sampler not in samplers.SAMPLERS:
-        raise InputError(f"sampler {sampler!r}: expected one of {', '.join(samplers.SAMPLERS)}")
-    if len(shape) != 4:
-        raise InputError(f"shape {shape}: expected (batch, channels, height, width)")
-    batch = shape[0]
-    if shape[1] != cfg.in_channels:
-        raise InputError(f"shape {shape}: the model makes {cfg.in_channels}-channel images")
-    conditional = cfg.num_classes is not None
-    guided = clf_cfg is not None and guidance_scale != 0
-    if guidance_scale != 0 and clf_cfg is None:
-        raise InputError(f"guidance_scale={guidance_scale} needs a classifier")
-    if guided:
-        check_classifier_fits(clf_cfg, shape[1], shape[2], shape[3])
-    if y is None and (conditional or guided):
-        raise InputError(
-            "class labels y are needed: "
-            + ("the model is class-conditional" if conditional else "classifier guidance")
-        )
-    if y is not None:
-        if not (conditional or guided):
-            raise InputError("y was given, but the model is unconditional and there is no guidance")
-        y = torch.as_tensor(y, device=device)
-        if conditional:
-            _check_labels(y, batch, cfg.num_classes, "the model")
-        if guided:
-            _check_labels(y, batch, clf_cfg.out_channels, "the classifier")
-        y = y.long()
-    y_model = y if conditional else None
-    if isinstance(cfg, SuperResConfig):
-        if low_res is None:
-            raise InputError("an upsampler needs low_res: [B, C, h, w] images in [-1, 1]")
-        low_res = low_res.to(device=device, dtype=torch.float32)
-        if low_res.shape[:2] != shape[:2]:
-            raise InputError(
-                f"low_res of shape {tuple(low_res.shape)}: expected ({batch}, {shape[1]}, h, w)"
-            )
-    elif low_res is not None:
-        raise InputError("low_res is for upsamplers; this model is not one")
-    return y, y_model, low_res
-
-
-def _run(
-    sampler, net, guide, diffusion, draw, eta, clip_denoised, progress, return_trajectory, callback
-):
-    trajectory: dict[str, list[torch.Tensor]] = {"samples": [], "pred_xstart": []}
-
-    def record(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
-        if return_trajectory:
-            trajectory["samples"].append(x)
-            trajectory["pred_xstart"].append(x0)
-        if callback is not None:
-            callback(k, x, x0)
-
-    with torch.no_grad():
-        final = samplers.run(
-            sampler,
-            net,
-            diffusion,
-            draw,
-            eta=eta,
-            guide=guide,
-            clip_denoised=clip_denoised,
-            progress=progress,
-            callback=record,
-        )
-    if not return_trajectory:
-        return final
-    return {
-        "sample": final,
-        "samples": torch.stack(trajectory["samples"]),
-        "pred_xstart": torch.stack(trajectory["pred_xstart"]),
-    }
-
-
-def _sample_exported(
-    model,
-    diffusion,
-    shape,
-    backend,
-    *,
-    y,
-    low_res,
-    sampler,
-    eta,
-    classifier,
-    guidance_scale,
-    clip_denoised,
-    noise,
-    seed,
-    progress,
-    return_trajectory,
-    callback,
-):
-    """sample() on exported graphs (see sample's doc)."""
-    from fastsample.export.runtime import BACKENDS, ExportedGraphs, graphs_for
-
-    if backend not in BACKENDS:
-        raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if isinstance(model, ExportedGraphs):
-        if classifier is not None:
-            raise InputError(
-                "classifier: an export carries its own gradient graph; pass classifier=None"
-            )
-        graphs = model
-        if graphs.backend != backend:
-            raise InputError(f"these graphs run on {graphs.backend!r}, not {backend!r}")
-    elif isinstance(model, UNet):
-        graphs = graphs_for(model, classifier if guidance_scale != 0 else None, backend, diffusion)
-    else:
-        raise InputTypeError(
-            f"model: expected a UNet or ExportedGraphs, got {type(model).__name__}"
-        )
-    clf_cfg = graphs.classifier_config if graphs.classifier_grad is not None else None
-    y, y_model, low_res = _check_inputs(
-        graphs.config, clf_cfg, shape, y, low_res, sampler, guidance_scale, graphs.device
-    )
-    net = graphs.net_fn(y=y_model, low_res=low_res)
-    guide = graphs.guide_fn(y, guidance_scale) if guidance_scale != 0 else None
-    draw = _noise_source(noise, seed, shape, diffusion.num_steps, graphs.device)
-    return _run(
-        sampler,
-        net,
-        guide,
-        diffusion,
-        draw,
-        eta,
-        clip_denoised,
-        progress,
-        return_trajectory,
-        callback,
-    )
+Engine = Literal["fast", "eager"]
+Kernels = Literal["auto", "torch", "triton", "onednn"]
 
 
 class _FiniteWatch:
@@ -366,24 +83,10 @@ class Generation:
                     raise OutputExistsError(f"{p} exists; choose another directory or overwrite")
         out.mkdir(parents=True, exist_ok=True)
         arrays = [self.images] + ([self.labels] if self.labels is not None else [])
-        atomic_write(paths["npz"], lambda f: np.savez(f, *arrays))
+        atomic_write(paths["npz"], lambda f: write_npz(f, arrays))
         grid = image_grid(self.images)
         atomic_write(paths["grid"], lambda f: grid.save(f, format="PNG"))
         return paths
-
-
-def image_grid(images: np.ndarray):
-    """A near-square PIL grid of NHWC uint8 images."""
-    from PIL import Image
-
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    canvas = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, cols)
-        canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = img
-    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
 def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role: str):
@@ -408,9 +111,12 @@ def _load_network(spec: str | os.PathLike | torch.nn.Module, device, dtype, role
 class Pipeline:
     """Batched generation with a diffusion model and an optional guidance classifier.
 
-    backend "eager" runs the torch modules; "onnxruntime", "tensorrt" or "aoti" run their
+    runtime "eager" runs the torch modules; "onnxruntime", "tensorrt" or "aoti" run their
     exported graphs (exported once into the cache; see `sample`). `Pipeline.from_export(dir)`
-    runs an export directory without the eager networks."""
+    runs an export directory without the eager networks. kernels: the networks' kernel
+    implementation (`UNet.set_kernels`); None keeps what they were built with. engine: "fast"
+    (the default on CUDA) or "eager". The pipeline moves the networks to `device` and sets
+    their precision to `dtype`; the fast engine samples with its own prepared copies."""
 
     def __init__(
         self,
@@ -420,17 +126,18 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         guidance_scale: float | None = None,
-        backend: str = "eager",
-        engine: str | None = None,
+        runtime: Runtime = "eager",
+        engine: Engine | None = None,
         compile: bool = False,
+        kernels: Kernels | None = None,
+        backend=_UNSET,
     ):
-        from fastsample.export.runtime import BACKENDS, require_backend
+        from fastsample.export.runtime import require_runtime
 
+        runtime = check_runtime(renamed("runtime", runtime, "backend", backend, "eager"))
         if engine not in (None, "fast", "eager"):
             raise InputError(f"engine {engine!r}: expected 'fast' or 'eager'")
-        if backend not in BACKENDS:
-            raise InputError(f"backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-        require_backend(backend)
+        require_runtime(runtime)
         if not isinstance(model, UNet):
             raise InputTypeError(
                 f"model: expected a UNet or SuperResUNet, got {type(model).__name__}"
@@ -444,11 +151,15 @@ class Pipeline:
         )
         self.model = model.to(self.device).eval()
         self.classifier = classifier.to(self.device).eval() if classifier is not None else None
+        if kernels is not None:
+            for net in (self.model, self.classifier):
+                if net is not None:
+                    net.set_kernels(kernels)
         if dtype is not None:
             self.model.set_precision(dtype)
         self.diffusion = diffusion
-        self.backend = backend
-        self.graphs = None  # ExportedGraphs, made on first use for a non-eager backend
+        self.runtime = runtime
+        self.graphs = None  # ExportedGraphs, made on first use for another runtime
         # The fast engine (CUDA graphs, two streams, fused updates) is the default on CUDA.
         self.engine = engine or ("fast" if self.device.type == "cuda" else "eager")
         self.compile = bool(compile)
@@ -468,17 +179,23 @@ class Pipeline:
 
     @classmethod
     def from_export(
-        cls, directory: str | os.PathLike, backend: str | None = None, device: str | None = None
+        cls,
+        directory: str | os.PathLike,
+        runtime: Runtime | None = None,
+        device: str | None = None,
+        backend=_UNSET,
     ) -> Pipeline:
-        """Run an export directory (`fastsample export`) on its backend: ONNX Runtime for an
-        onnx export (or TensorRT, building engines), AOTInductor, or its TensorRT engines."""
+        """Run an export directory (`fastsample export`) on a runtime (default: the one its
+        target is for): ONNX Runtime for an onnx export (or TensorRT, building engines),
+        AOTInductor, or its TensorRT engines."""
         from fastsample.export.runtime import ExportedGraphs
 
-        graphs = ExportedGraphs(directory, backend=backend, device=device)
+        runtime = renamed("runtime", runtime, "backend", backend, None)
+        graphs = ExportedGraphs(directory, runtime=runtime, device=device)
         self = cls.__new__(cls)
         self.model = self.classifier = None
         self.graphs = graphs
-        self.backend = graphs.backend
+        self.runtime = graphs.runtime
         self.device = graphs.device
         self.diffusion = graphs.diffusion
         self.config = graphs.config
@@ -491,21 +208,21 @@ class Pipeline:
         return self
 
     def _use_fast(self) -> bool:
-        return self.engine == "fast" and self.backend == "eager"
+        return self.engine == "fast" and self.runtime == "eager"
 
     def _fast_sample(self, net, diffusion, shape, *, y, low_res, sampler, eta, classifier,
-                     guidance_scale, clip_denoised, seed, callback, backend):  # fmt: skip
+                     guidance_scale, clip_denoised, seed, callback, runtime):  # fmt: skip
         """sample()'s job on the fast engine (same seeds, same noise order)."""
         from .engine import FastEngine
 
         if self._engine is None:
             self._engine = FastEngine(self.model, self.classifier, compile=self.compile)
         device = self.device
-        y, y_model, low_res = _check_inputs(
+        y, y_model, low_res = check_inputs(
             self.config, self.classifier_config if guidance_scale else None, tuple(shape), y,
             low_res, sampler, guidance_scale, device,
         )  # fmt: skip
-        draw = _noise_source(None, seed, tuple(shape), diffusion.num_steps, device)
+        draw = noise_source(None, seed, tuple(shape), diffusion.num_steps, device)
         return self._engine.sample(
             sampler, diffusion, draw, y=y, model_y=y_model, low_res=low_res, eta=eta,
             guidance_scale=guidance_scale, clip_denoised=clip_denoised, callback=callback,
@@ -513,12 +230,12 @@ class Pipeline:
 
     def _networks(self, diffusion: Diffusion, guided: bool):
         """What sample() is given: the eager modules, or the loaded graphs."""
-        if self.backend == "eager":
+        if self.runtime == "eager":
             return self.model, self.classifier if guided else None
         if self.graphs is None:
             from fastsample.export.runtime import graphs_for
 
-            self.graphs = graphs_for(self.model, self.classifier, self.backend, diffusion)
+            self.graphs = graphs_for(self.model, self.classifier, self.runtime, diffusion)
         return self.graphs, None
 
     @classmethod
@@ -531,12 +248,15 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         guidance_scale: float | None = None,
         diffusion: Diffusion | None = None,
-        backend: str = "eager",
-        engine: str | None = None,
+        runtime: Runtime = "eager",
+        engine: Engine | None = None,
         compile: bool = False,
+        kernels: Kernels | None = None,
+        backend=_UNSET,
     ) -> Pipeline:
         """From checkpoint files or preset names. Diffusion settings come from the preset (by the
         file name or its metadata), else the file's saved settings, else the defaults."""
+        runtime = renamed("runtime", runtime, "backend", backend, "eager")
         net = _load_network(model, device, dtype, "model")
         clf = _load_network(classifier, device, None, "classifier") if classifier else None
         if not isinstance(net, UNet):
@@ -563,9 +283,10 @@ class Pipeline:
             clf,
             device=device,
             guidance_scale=guidance_scale,
-            backend=backend,
+            runtime=runtime,
             engine=engine,
             compile=compile,
+            kernels=kernels,
         )
 
     @property
@@ -584,7 +305,7 @@ class Pipeline:
         batch_size: int = 16,
         classes: int | Sequence[int] | None = None,
         guidance_scale: float | None = None,
-        sampler: samplers.SamplerName | None = None,
+        sampler: solvers.SamplerName | None = None,
         steps: str | int | None = None,
         eta: float = 0.0,
         seed: int = 0,
@@ -638,7 +359,7 @@ class Pipeline:
                 )
                 run = self._fast_sample if self._use_fast() else sample
                 shape = (len(idx), cfg.in_channels, cfg.image_size, cfg.image_size)
-                x = run(net, diffusion, shape, callback=watch, backend=self.backend, **kwargs)
+                x = run(net, diffusion, shape, callback=watch, runtime=self.runtime, **kwargs)
                 step = watch.first_bad(x)
                 if step is not None:
                     where = f"samples {first_index + start}..{first_index + idx.stop - 1}"
@@ -655,7 +376,7 @@ class Pipeline:
         batch_size: int = 16,
         classes: int | Sequence[int] | None = None,
         guidance_scale: float | None = None,
-        sampler: samplers.SamplerName | None = None,
+        sampler: solvers.SamplerName | None = None,
         steps: str | int | None = None,
         seed: int = 0,
         low_res: np.ndarray | torch.Tensor | None = None,
@@ -694,7 +415,7 @@ class Pipeline:
         """A batch went NaN/inf (fp16 overflow): sample it again in float32, or say so."""
         n = diffusion.num_steps
         dtype = self.model.dtype if self.model is not None else None
-        if dtype is None or dtype == torch.float32 or self.backend != "eager":
+        if dtype is None or dtype == torch.float32 or self.runtime != "eager":
             precision = str(dtype or "the exported graphs' precision").replace("torch.", "")
             raise NonFiniteError(
                 f"{where}: sampling produced NaN/inf at step {step} of {n} in {precision}; "

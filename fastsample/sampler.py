@@ -1,204 +1,137 @@
-"""Sampling loops over any network function: ancestral (DDPM), DDIM, DPM-Solver++(2M).
+"""Solvers and the one sampling loop: ancestral (DDPM), DDIM, DPM-Solver++(2M).
 
-The loops know a network only as `net(x_t, t) -> output` (t: what the network is given at a
-step, [B]) and guidance only as an optional `guide(x_t, t) -> s * grad_x log p(y | x_t)`. Per-step
-coefficients are gathered from float64 tables into float32 once, before the loop; the loop reads
-them by Python step index and never synchronises with the device.
+A solver is a description: float32 per-step coefficient tables computed from the schedule
+(`Solver.tables`), plus its update rule, x_t and the network output -> (x_{t-1}, x0). The loop
+(`run`) knows networks only as the seam's two functions (`fastsample.netfns`): the model
+`model(x_t, t)` and the unscaled guidance gradient `guidance(x_t, t)`, whose scale the update
+applies. The eager updates below are the reference; the fused Triton kernel
+(`fastsample.kernels.sampler_step`) reads the same tables by the same names and is a drop-in
+`update` for the same loop. A multistep solver's history (the previous x0) is a buffer the loop
+owns and hands to the update.
 
 - DDPM: Ho et al. 2020, with the learned variance interpolation of Nichol & Dhariwal 2021 (eq. 15);
-  guidance shifts the mean by Sigma * guide (Dhariwal & Nichol 2021, Algorithm 1).
-- DDIM: Song et al. 2021 (eq. 12, eta); guidance corrects eps by -sqrt(1 - alpha_bar) * guide
-  (Dhariwal & Nichol 2021, Algorithm 2).
+  guidance shifts the mean by Sigma * scale * grad (Dhariwal & Nichol 2021, Algorithm 1).
+- DDIM: Song et al. 2021 (eq. 12, eta); guidance corrects eps by -sqrt(1 - alpha_bar) * scale *
+  grad (Dhariwal & Nichol 2021, Algorithm 2).
 - DPM-Solver++(2M): Lu et al. 2022 (Algorithm 2), multistep second order in the data prediction,
   on the respaced schedule's discrete alpha_bar, first order on the first step and on the last
   two ("lower order final"); guidance as for DDIM.
 
-Each loop reproduces the reference's arithmetic (operation order, float32 intermediates), so that
-with the same noise the samples agree to float32 rounding.
+Each update reproduces the reference's arithmetic (operation order, float32 intermediates), so
+that with the same noise the samples agree to float32 rounding. Noise is drawn in the
+reference's order: x_T first, then one draw per step for DDPM and DDIM (also at the last step
+and for eta = 0); DPM-Solver++(2M) draws none.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from types import MappingProxyType
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from .errors import InputError
+from .netfns import GuidanceFn, ModelFn
 from .schedule import Diffusion
 
 SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm++2m")
 
-NetFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-GuideFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]  # k -> x_T for k = 0, else the fresh noise of step k
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step k, x, pred_xstart)
+Tables = Mapping[str, torch.Tensor]  # name -> float32 [num_steps], indexed by respaced step i
+
+
+class Spec(NamedTuple):
+    """What an update needs to know about the network output, fixed for a run."""
+
+    learn_sigma: bool
+    predict_xstart: bool
+    clip: bool
+
+
+# update(tables, i, x, out, grad, scale, z, history, spec) -> (x_next, x0)
+UpdateFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
-class StepTables:
-    """Per-step float32 coefficients on one device, indexed by respaced step i."""
+class Solver:
+    """One sampler: its tables, its eager update, and how it uses noise and history."""
 
-    t_model: torch.Tensor  # what the network receives: original timestep (or rescaled float)
-    sqrt_recip_ac: torch.Tensor
-    sqrt_recipm1_ac: torch.Tensor
-    coef1: torch.Tensor
-    coef2: torch.Tensor
-    min_log: torch.Tensor  # clipped posterior log variance
-    max_log: torch.Tensor  # log beta
-    fixed_log_var: torch.Tensor  # without learned sigma: log [post_var[1], betas[1:]]
-    sqrt_one_minus_ac: torch.Tensor  # float32 sqrt of float32 (1 - alpha_bar), as cond_score
-    alphas_cumprod: torch.Tensor
-    alphas_cumprod_prev: torch.Tensor
+    name: str
+    tables: Callable[[Diffusion, torch.device, float], Tables]
+    update: UpdateFn
+    noise: Literal["always", "eta", "never"]  # "eta": added only where eta != 0
+    multistep: bool = False
+
+    @property
+    def draws_noise(self) -> bool:
+        """Whether the loop draws one noise per step (the reference does, even when unused)."""
+        return self.noise != "never"
+
+    def adds_noise(self, eta: float) -> bool:
+        return self.noise == "always" or (self.noise == "eta" and eta != 0)
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def _f32(a: np.ndarray) -> torch.Tensor:  # float64 -> float32, as the reference's gather
+    return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+
+def _frozen(tables: dict[str, torch.Tensor], device: torch.device) -> Tables:
+    return MappingProxyType({k: v.to(device) for k, v in tables.items()})
+
+
+def _base(diffusion: Diffusion) -> dict[str, torch.Tensor]:
+    """What every solver reads: the network's t and the eps <-> x0 conversions."""
+    c = diffusion.coefficients()
+    t_model = torch.from_numpy(diffusion.model_timesteps())
+    ac = _f32(c.alphas_cumprod)
+    return {
+        # what the network receives: the original timestep (or the rescaled float)
+        "t_model": t_model.float() if diffusion.rescale_timesteps else t_model.long(),
+        "sqrt_recip_ac": _f32(c.sqrt_recip_alphas_cumprod),
+        "sqrt_recipm1_ac": _f32(c.sqrt_recipm1_alphas_cumprod),
+        "sqrt_one_minus_ac": (1 - ac).sqrt(),  # float32 sqrt of float32 1 - alpha_bar
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": _f32(c.alphas_cumprod_prev),
+    }
 
 
 @functools.lru_cache(maxsize=32)
-def step_tables(diffusion: Diffusion, device: torch.device) -> StepTables:
+def ddpm_tables(diffusion: Diffusion, device: torch.device, eta: float = 0.0) -> Tables:
     c = diffusion.coefficients()
-
-    def f32(a: np.ndarray) -> torch.Tensor:  # float64 -> float32, as the reference's gather
-        return torch.from_numpy(np.ascontiguousarray(a)).float()
-
-    ac = f32(c.alphas_cumprod)
-    t_model = torch.from_numpy(diffusion.model_timesteps())
-    t_model = t_model.float() if diffusion.rescale_timesteps else t_model.long()
-    tables = StepTables(
-        t_model=t_model,
-        sqrt_recip_ac=f32(c.sqrt_recip_alphas_cumprod),
-        sqrt_recipm1_ac=f32(c.sqrt_recipm1_alphas_cumprod),
-        coef1=f32(c.posterior_mean_coef1),
-        coef2=f32(c.posterior_mean_coef2),
-        min_log=f32(c.posterior_log_variance_clipped),
-        max_log=f32(c.log_betas),
-        fixed_log_var=f32(c.fixed_large_log_variance),
-        sqrt_one_minus_ac=(1 - ac).sqrt(),
-        alphas_cumprod=ac,
-        alphas_cumprod_prev=f32(c.alphas_cumprod_prev),
+    tables = _base(diffusion)
+    tables.update(
+        coef1=_f32(c.posterior_mean_coef1),
+        coef2=_f32(c.posterior_mean_coef2),
+        min_log=_f32(c.posterior_log_variance_clipped),  # clipped posterior log variance
+        max_log=_f32(c.log_betas),
+        fixed_log_var=_f32(c.fixed_large_log_variance),  # log [post_var[1], betas[1:]]
     )
-    return StepTables(**{k: v.to(device) for k, v in vars(tables).items()})
+    return _frozen(tables, device)
 
 
-def _predict(net, x, i, tab: StepTables, diffusion: Diffusion, clip: bool):
-    """Network call and x0 prediction of one step -> (t, pred_xstart, variance values or None)."""
-    t = tab.t_model[i].expand(x.shape[0])
-    out = net(x, t)
-    var_values = None
-    if diffusion.learn_sigma:
-        out, var_values = torch.split(out, x.shape[1], dim=1)
-    if diffusion.predict_xstart:
-        x0 = out
-    else:
-        x0 = tab.sqrt_recip_ac[i] * x - tab.sqrt_recipm1_ac[i] * out
-    if clip:
-        x0 = x0.clamp(-1, 1)
-    return t, x0, var_values
-
-
-def _eps_from_x0(x, x0, i, tab: StepTables):
-    return (tab.sqrt_recip_ac[i] * x - x0) / tab.sqrt_recipm1_ac[i]
-
-
-def _guided_x0(x, x0, t, i, tab: StepTables, guide: GuideFn):
-    """The reference's condition_score: eps' = eps - sqrt(1 - alpha_bar) * guide; x0 from eps'
-    (not clipped again)."""
-    eps = _eps_from_x0(x, x0, i, tab) - tab.sqrt_one_minus_ac[i] * guide(x, t)
-    return tab.sqrt_recip_ac[i] * x - tab.sqrt_recipm1_ac[i] * eps
-
-
-def _progress(steps: range, enabled: bool):
-    if not enabled:
-        return steps
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, desc="sampling", unit="step")
-
-
-def ddpm_loop(
-    net: NetFn,
-    diffusion: Diffusion,
-    noise: NoiseFn,
-    *,
-    guide: GuideFn | None = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """Ancestral sampling with the learned (or fixed large) variance."""
-    x = noise(0)
-    tab = step_tables(diffusion, x.device)
-    n = diffusion.num_steps
-    for k in _progress(range(1, n + 1), progress):
-        i = n - k
-        t, x0, v = _predict(net, x, i, tab, diffusion, clip_denoised)
-        if v is not None:
-            frac = (v + 1) / 2
-            log_var = frac * tab.max_log[i] + (1 - frac) * tab.min_log[i]
-        else:
-            log_var = tab.fixed_log_var[i].expand_as(x)
-        mean = tab.coef1[i] * x0 + tab.coef2[i] * x
-        z = noise(k)
-        if guide is not None:
-            mean = mean.float() + torch.exp(log_var) * guide(x, t).float()
-        x = mean + torch.exp(0.5 * log_var) * z if i > 0 else mean
-        if callback is not None:
-            callback(k, x, x0)
-    return x
-
-
-def ddim_loop(
-    net: NetFn,
-    diffusion: Diffusion,
-    noise: NoiseFn,
-    *,
-    eta: float = 0.0,
-    guide: GuideFn | None = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """DDIM with stochasticity eta (0: deterministic)."""
-    if eta < 0:
-        raise InputError(f"eta={eta}: expected >= 0")
-    x = noise(0)
-    tab = step_tables(diffusion, x.device)
-    sigma, sqrt_ac_prev, dir_coef = ddim_coefficients(diffusion, x.device, eta)
-    n = diffusion.num_steps
-    for k in _progress(range(1, n + 1), progress):
-        i = n - k
-        t, x0, _ = _predict(net, x, i, tab, diffusion, clip_denoised)
-        if guide is not None:
-            x0 = _guided_x0(x, x0, t, i, tab, guide)
-        eps = _eps_from_x0(x, x0, i, tab)
-        z = noise(k)
-        x = x0 * sqrt_ac_prev[i] + dir_coef[i] * eps
-        if i > 0 and eta != 0:
-            x = x + sigma[i] * z
-        if callback is not None:
-            callback(k, x, x0)
-    return x
-
-
-def ddim_coefficients(
-    diffusion: Diffusion, device: torch.device, eta: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DDIM's per-step float32 (sigma, sqrt(alpha_bar_prev), direction coefficient)."""
-    tab = step_tables(diffusion, device)
-    ac, ac_prev = tab.alphas_cumprod, tab.alphas_cumprod_prev
+@functools.lru_cache(maxsize=32)
+def ddim_tables(diffusion: Diffusion, device: torch.device, eta: float = 0.0) -> Tables:
+    tables = _base(diffusion)
+    ac, ac_prev = tables["alphas_cumprod"], tables["alphas_cumprod_prev"]
     sigma = eta * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
-    sqrt_ac_prev = torch.sqrt(ac_prev)
     # In float32, 1 - alpha_bar_prev - sigma^2 can round below 0 (eta = 1 on a respaced cosine
     # schedule): the reference then returns NaN. It is a variance; 0 is its true floor.
     dir_coef = torch.sqrt((1 - ac_prev - sigma**2).clamp_min(0))
-    return sigma, sqrt_ac_prev, dir_coef
+    tables.update(sigma=sigma, sqrt_ac_prev=torch.sqrt(ac_prev), dir_coef=dir_coef)
+    return _frozen(tables, device)
 
 
 @functools.lru_cache(maxsize=32)
-def _dpm_tables(diffusion: Diffusion, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """float64 -> float32 coefficients of the 2M update from step i to i - 1:
+def dpmpp_2m_tables(diffusion: Diffusion, device: torch.device, eta: float = 0.0) -> Tables:
+    """The 2M update from step i to i - 1, in float64 then float32:
     x_{i-1} = ratio[i] * x_i + lin[i] * D_i,  D_i = cur[i] * x0_i - prev[i] * x0_{i+1}."""
     c = diffusion.coefficients()
     ac, ac_prev = c.alphas_cumprod, c.alphas_cumprod_prev
@@ -221,59 +154,145 @@ def _dpm_tables(diffusion: Diffusion, device: torch.device) -> tuple[torch.Tenso
     # extrapolating x0 across it costs more than second order gains.
     for j in {len(h) - 1, min(1, len(h) - 1), 0}:
         cur[j], prev[j] = 1.0, 0.0
-    return tuple(torch.from_numpy(a).float().to(device) for a in (ratio, lin, cur, prev))
+    tables = _base(diffusion)
+    tables.update(ratio=_f32(ratio), lin=_f32(lin), cur=_f32(cur), prev=_f32(prev))
+    return _frozen(tables, device)
 
 
-def dpmpp_2m_loop(
-    net: NetFn,
-    diffusion: Diffusion,
-    noise: NoiseFn,
-    *,
-    guide: GuideFn | None = None,
-    clip_denoised: bool = True,
-    progress: bool = False,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) on the discrete respaced schedule (deterministic: uses x_T only)."""
-    x = noise(0)
-    tab = step_tables(diffusion, x.device)
-    ratio, lin, cur, prev = _dpm_tables(diffusion, x.device)
-    n = diffusion.num_steps
-    x0_before = None
-    for k in _progress(range(1, n + 1), progress):
-        i = n - k
-        t, x0, _ = _predict(net, x, i, tab, diffusion, clip_denoised)
-        if guide is not None:
-            x0 = _guided_x0(x, x0, t, i, tab, guide)
-        if i == 0:
-            x = x0  # alpha_bar_prev = 1: the update lands on the data prediction
-        else:
-            d = x0 if x0_before is None else cur[i] * x0 - prev[i] * x0_before
-            x = ratio[i] * x + lin[i] * d
-        x0_before = x0
-        if callback is not None:
-            callback(k, x, x0)
-    return x
+# -- eager updates (the reference for the fused kernel) ---------------------------------------
+
+
+def _x0(tab: Tables, i: int, x, out, spec: Spec):
+    """The step's x0 prediction (clipped when asked) and the variance values (or None)."""
+    var_values = None
+    if spec.learn_sigma:
+        out, var_values = torch.split(out, x.shape[1], dim=1)
+    if spec.predict_xstart:
+        x0 = out
+    else:
+        x0 = tab["sqrt_recip_ac"][i] * x - tab["sqrt_recipm1_ac"][i] * out
+    if spec.clip:
+        x0 = x0.clamp(-1, 1)
+    return x0, var_values
+
+
+def _eps(tab: Tables, i: int, x, x0):
+    return (tab["sqrt_recip_ac"][i] * x - x0) / tab["sqrt_recipm1_ac"][i]
+
+
+def _guided_x0(tab: Tables, i: int, x, x0, grad, scale):
+    """The reference's condition_score: eps' = eps - sqrt(1 - alpha_bar) * scale * grad, and x0
+    from eps' (not clipped again)."""
+    eps = _eps(tab, i, x, x0) - tab["sqrt_one_minus_ac"][i] * (grad * scale)
+    return tab["sqrt_recip_ac"][i] * x - tab["sqrt_recipm1_ac"][i] * eps
+
+
+def ddpm_update(tab: Tables, i: int, x, out, grad, scale, z, history, spec: Spec):
+    """Ancestral step with the learned (or fixed large) variance."""
+    x0, v = _x0(tab, i, x, out, spec)
+    if v is not None:
+        frac = (v + 1) / 2
+        log_var = frac * tab["max_log"][i] + (1 - frac) * tab["min_log"][i]
+    else:
+        log_var = tab["fixed_log_var"][i].expand_as(x)
+    mean = tab["coef1"][i] * x0 + tab["coef2"][i] * x
+    if grad is not None:
+        mean = mean.float() + torch.exp(log_var) * (grad * scale).float()
+    x = mean + torch.exp(0.5 * log_var) * z if i > 0 else mean
+    return x, x0
+
+
+def ddim_update(tab: Tables, i: int, x, out, grad, scale, z, history, spec: Spec):
+    """DDIM step; z is None where eta = 0."""
+    x0, _ = _x0(tab, i, x, out, spec)
+    if grad is not None:
+        x0 = _guided_x0(tab, i, x, x0, grad, scale)
+    eps = _eps(tab, i, x, x0)
+    x = x0 * tab["sqrt_ac_prev"][i] + tab["dir_coef"][i] * eps
+    if i > 0 and z is not None:
+        x = x + tab["sigma"][i] * z
+    return x, x0
+
+
+def dpmpp_2m_update(tab: Tables, i: int, x, out, grad, scale, z, history, spec: Spec):
+    """DPM-Solver++(2M) step; history holds the previous x0 (zeros before the first step,
+    where the tables make the step first order) and receives this step's."""
+    x0, _ = _x0(tab, i, x, out, spec)
+    if grad is not None:
+        x0 = _guided_x0(tab, i, x, x0, grad, scale)
+    if i == 0:
+        x = x0  # alpha_bar_prev = 1: the update lands on the data prediction
+    else:
+        d = tab["cur"][i] * x0 - tab["prev"][i] * history
+        x = tab["ratio"][i] * x + tab["lin"][i] * d
+    history.copy_(x0)
+    return x, x0
+
+
+SOLVERS: dict[str, Solver] = {
+    "ddpm": Solver("ddpm", ddpm_tables, ddpm_update, noise="always"),
+    "ddim": Solver("ddim", ddim_tables, ddim_update, noise="eta"),
+    "dpm++2m": Solver("dpm++2m", dpmpp_2m_tables, dpmpp_2m_update, noise="never", multistep=True),
+}
+SAMPLERS: tuple[str, ...] = tuple(SOLVERS)
+
+
+def get_solver(name: str) -> Solver:
+    if name not in SOLVERS:
+        raise InputError(f"sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    return SOLVERS[name]
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def _progress(steps: range, enabled: bool):
+    if not enabled:
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, desc="sampling", unit="step")
 
 
 def run(
     sampler: SamplerName,
-    net: NetFn,
+    model: ModelFn,
     diffusion: Diffusion,
     noise: NoiseFn,
     *,
+    guidance: GuidanceFn | None = None,
+    guidance_scale: float = 0.0,
     eta: float = 0.0,
-    guide: GuideFn | None = None,
     clip_denoised: bool = True,
     progress: bool = False,
     callback: StepCallback | None = None,
+    update: UpdateFn | None = None,
 ) -> torch.Tensor:
-    """Dispatch to one loop by name."""
-    common = dict(guide=guide, clip_denoised=clip_denoised, progress=progress, callback=callback)
-    if sampler == "ddpm":
-        return ddpm_loop(net, diffusion, noise, **common)
-    if sampler == "ddim":
-        return ddim_loop(net, diffusion, noise, eta=eta, **common)
-    if sampler == "dpm++2m":
-        return dpmpp_2m_loop(net, diffusion, noise, **common)
-    raise InputError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    """Sample x_0 from noise(0) = x_T with one solver; noise(k) is step k's fresh noise.
+
+    guidance: the unscaled gradient of log p(y | x_t), used where guidance_scale != 0.
+    update: replaces the solver's eager update (same signature; the fused kernel's, say)."""
+    solver = get_solver(sampler)
+    if eta < 0:
+        raise InputError(f"eta={eta}: expected >= 0")
+    x = noise(0)
+    tab = solver.tables(diffusion, x.device, float(eta))
+    spec = Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip_denoised))
+    step = update or solver.update
+    history = None  # the previous step's x0, for multistep solvers
+    if solver.multistep:
+        history = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    guided = guidance is not None and guidance_scale != 0
+    adds_noise = solver.adds_noise(eta)
+    n = diffusion.num_steps
+    for k in _progress(range(1, n + 1), progress):
+        i = n - k
+        t = tab["t_model"][i].expand(x.shape[0])
+        out = model(x, t)
+        grad = guidance(x, t) if guided else None
+        z = noise(k) if solver.draws_noise else None
+        x, x0 = step(tab, i, x, out, grad, guidance_scale, z if adds_noise else None, history,
+                     spec)  # fmt: skip
+        if callback is not None:
+            callback(k, x, x0)
+    return x

@@ -11,6 +11,7 @@ and the attention softmax always run in float32; the network output is float32.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,12 +52,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> to
 
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state_dict keys) through the ops seam: pre-packed oneDNN
-    weights on the onednn backend, plain F.conv2d otherwise."""
+    weights on the onednn kernels, plain F.conv2d otherwise."""
 
-    backend = "torch"  # set per instance by _Network.set_backend
+    _kernels = ops.TORCH  # the owning network's choice (_Network._share_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(self, x, self.backend)
+        return ops.conv2d(self, x, self._kernels.on(x.device))
 
 
 def _conv(dims: int, *args: Any, **kwargs: Any) -> nn.Module:
@@ -76,7 +77,7 @@ def _zero(module: nn.Module) -> nn.Module:
 class GroupNorm32(nn.GroupNorm):
     """32-group GroupNorm computed in float32 (see ops.group_norm)."""
 
-    backend = "torch"  # set per instance by _Network.set_backend
+    _kernels = ops.TORCH  # the owning network's choice (_Network._share_kernels)
 
     def __init__(self, channels: int):
         super().__init__(32, channels)
@@ -101,7 +102,7 @@ class GroupNorm32(nn.GroupNorm):
             scale=scale,
             shift=shift,
             silu=silu,
-            backend=self.backend,
+            kernels=self._kernels.on(x.device),
         )
 
 
@@ -207,7 +208,7 @@ class ResBlock(TimestepBlock):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # in_layers = GroupNorm, SiLU, conv; out_layers = GroupNorm, SiLU, dropout, conv. Each
-        # GroupNorm + (scale-shift) + SiLU is one fused op on the triton backend.
+        # GroupNorm + (scale-shift) + SiLU is one fused op on the triton kernels.
         h = self.in_layers[0].fused(x, silu=True)
         if self.updown:
             # Normalise and activate at the input size, resample, then convolve.
@@ -228,7 +229,7 @@ class ResBlock(TimestepBlock):
 class AttentionBlock(nn.Module):
     """Self-attention over all spatial positions, with a residual connection."""
 
-    backend = "torch"
+    _kernels = ops.TORCH  # the owning network's choice (_Network._share_kernels)
 
     def __init__(self, channels: int, heads: int, order: str = "legacy"):
         super().__init__()
@@ -241,10 +242,11 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, *spatial = x.shape
-        if self.backend == "onednn" and ops.onednn_eligible(x):
+        kernels = self._kernels.on(x.device)
+        if kernels == "onednn" and ops.onednn_eligible(x):
             return self._tokens(x)
         x = x.reshape(n, c, -1)  # [N, C, T]
-        h = ops.qkv_attention(self.qkv(self.norm(x)), self.heads, self.order, backend=self.backend)
+        h = ops.qkv_attention(self.qkv(self.norm(x)), self.heads, self.order, kernels=kernels)
         return (x + self.proj_out(h)).reshape(n, c, *spatial)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -253,9 +255,9 @@ class AttentionBlock(nn.Module):
         n, c, height, width = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(n, height * width, c)
         h = self.norm(x).permute(0, 2, 3, 1).reshape(n, height * width, c)
-        qkv = ops.linear(self.qkv, h, self.backend)
+        qkv = ops.linear(self.qkv, h, "onednn")
         h = ops.token_attention(qkv, self.heads, self.order)
-        out = ops.linear(self.proj_out, h, self.backend)
+        out = ops.linear(self.proj_out, h, "onednn")
         out = out + tokens if out.requires_grad else out.add_(tokens)
         return out.reshape(n, height, width, c).permute(0, 3, 1, 2)
 
@@ -263,11 +265,11 @@ class AttentionBlock(nn.Module):
 class AttentionPool2d(nn.Module):
     """The classifier's attention-pooling head (CLIP-style): token 0 is the spatial mean.
 
-    Only token 0's output is used. The torch backend computes every query, as the reference does
+    Only token 0's output is used. The torch kernels compute every query, as the reference does
     (keeping guidance bit-exact with it), unless first_query_only is set (the fast engine sets
-    it); the triton backend computes query 0 alone."""
+    it); the triton kernels compute query 0 alone."""
 
-    backend = "torch"
+    _kernels = ops.TORCH  # the owning network's choice (_Network._share_kernels)
     first_query_only = False
 
     def __init__(self, spacial_dim: int, embed_dim: int, head_channels: int, output_dim: int):
@@ -285,8 +287,9 @@ class AttentionPool2d(nn.Module):
         x = torch.cat([x.mean(dim=-1, keepdim=True), x], dim=-1)  # [N, C, 1 + T]
         x = x + self.positional_embedding[None].to(x.dtype)
         qkv = self.qkv_proj(x)
-        queries = 1 if self.backend == "triton" or self.first_query_only else None
-        out = ops.qkv_attention(qkv, self.heads, "new", queries=queries, backend=self.backend)
+        kernels = self._kernels.on(x.device)
+        queries = 1 if kernels == "triton" or self.first_query_only else None
+        out = ops.qkv_attention(qkv, self.heads, "new", queries=queries, kernels=kernels)
         return self.c_proj(out)[:, :, 0]
 
 
@@ -312,35 +315,46 @@ class _Network(nn.Module):
         self.config: NetworkConfig = config
         self.dtype: torch.dtype = torch.float16 if config.use_fp16 else torch.float32
         self.preset: str | None = None
-        self.backend_request = "torch"  # what set_backend was asked for ("auto" re-picks)
-        self.backend = "torch"  # what the kernels of the network run on now
+        # The kernel choice of the whole network, held here once and shared by every module
+        # that calls a kernel (linked when the network is built; see _share_kernels).
+        self._kernels = ops.KernelChoice("torch")
 
-    def set_backend(self, backend: str = "auto") -> _Network:
-        """Run GroupNorm(+scale-shift+SiLU) and attention on "torch" or "triton" kernels;
-        "auto" picks triton on CUDA where Triton is installed, and picks again whenever the
-        network moves to another device. Returns self."""
-        device = next(self.parameters()).device
-        resolved = ops.resolve_backend(backend, device)
-        self.backend_request, self.backend = backend, resolved
+    def _share_kernels(self) -> None:
         for m in self.modules():
             if isinstance(m, (GroupNorm32, AttentionBlock, AttentionPool2d, Conv2d)):
-                m.backend = resolved
+                m._kernels = self._kernels
+
+    @property
+    def kernels(self) -> str:
+        """The requested kernel implementation ("auto", "torch", "triton" or "onednn")."""
+        return self._kernels.requested
+
+    def kernels_on(self, device: torch.device | str | None = None) -> str:
+        """The implementation that runs on `device` (default: where the weights are)."""
+        return self._kernels.on(torch.device(device) if device else next(self.parameters()).device)
+
+    def set_kernels(self, kernels: str = "auto") -> _Network:
+        """Run GroupNorm(+scale-shift+SiLU), attention and convolutions on "torch", "triton" or
+        "onednn" kernels; "auto" picks per device when the network runs (triton on CUDA where
+        Triton is installed, onednn on a CPU torch built with it, else torch). Returns self."""
+        self._kernels.set(kernels, next(self.parameters()).device)
         return self
 
+    def set_backend(self, backend: str = "auto") -> _Network:
+        """The old name of set_kernels (kept for one release)."""
+        warnings.warn("set_backend() is renamed set_kernels()", DeprecationWarning, stacklevel=2)
+        return self.set_kernels(backend)
+
+    @property
+    def backend(self) -> str:
+        """The old name of kernels_on(): what runs where the weights are."""
+        return self.kernels_on()
+
     def _layout(self, h: torch.Tensor) -> torch.Tensor:
-        """The torso's activation layout: channels_last on the onednn backend."""
-        if self.backend == "onednn" and h.ndim == 4:
+        """The torso's activation layout: channels_last on the onednn kernels."""
+        if h.ndim == 4 and self._kernels.on(h.device) == "onednn":
             return h.contiguous(memory_format=torch.channels_last)
         return h
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        # Moving (.to / .cuda / .cpu) re-picks an "auto" backend for the new device.
-        if getattr(self, "backend_request", "torch") == "auto":
-            device = next(self.parameters()).device
-            if device.type != "meta":
-                self.set_backend("auto")
-        return out
 
     @classmethod
     def from_flags(cls, flags: str | Mapping[str, Any]) -> _Network:
@@ -452,6 +466,7 @@ class UNet(_Network):
 
     config_class = UNetConfig
     _flag_parser = staticmethod(unet_config_from_flags)
+    takes_low_res = False
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -501,6 +516,7 @@ class UNet(_Network):
             nn.SiLU(),
             _zero(_conv(dims, cfg.level_channels[0], cfg.out_channels, 3, padding=1)),
         )
+        self._share_kernels()
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
@@ -538,6 +554,7 @@ class SuperResUNet(UNet):
 
     config_class = SuperResConfig
     _flag_parser = staticmethod(super_res_config_from_flags)
+    takes_low_res = True  # (fastsample.netfns.call_model)
 
     def forward(  # type: ignore[override]
         self,
@@ -603,6 +620,7 @@ class Classifier(_Network):
                     nn.SiLU(),
                     nn.Linear(2048, cfg.out_channels),
                 )
+        self._share_kernels()
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         self._check_torso_dtype()

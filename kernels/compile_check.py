@@ -184,7 +184,7 @@ def _step_configurations():
         X0="*fp32",
         STEP="*i32",
     )
-    for name, sampler in S.SAMPLER_IDS.items():
+    for name, sampler in S.SOLVER_IDS.items():
         meta = dict(
             SAMPLER=sampler,
             GUIDED=True,

@@ -1,22 +1,33 @@
 """One sampler update as one Triton kernel: x_t, the network output, the guidance gradient and the
 step's noise in; x_{t-1} (and the step's x0) out.
 
-The eager loops in `fastsample.sampler` spend a dozen elementwise launches per step on this
-(x0 from eps, clipping, the guidance correction, the DDIM / ancestral / DPM-Solver++(2M)
-update, the noise add). Here each element is read once and written once, in float32, with the
-same formulas in the same order. The step index is read from device memory, so one launch
-configuration (and one captured CUDA graph) serves every step; the per-step coefficients are
-the float32 tables the eager loops gather (`fastsample.sampler.step_tables`).
+An eager update spends a dozen elementwise launches per step (x0 from eps, clipping, the
+guidance correction, the DDIM / ancestral / DPM-Solver++(2M) update, the noise add). Here each
+element is read once and written once, in float32, with the same formulas in the same order. The
+step index is read from device memory, so one launch configuration (and one captured CUDA graph)
+serves every step.
+
+This module knows no schedule: the caller passes the per-step float32 coefficient tables by the
+names in `TABLES` (fastsample's solvers compute them) and owns the multistep history buffer.
+Adding a solver means one branch here, keyed in `SOLVER_IDS`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
 from ._triton import tl, triton
 
 DDIM, DDPM, DPMPP_2M = 0, 1, 2
-SAMPLER_IDS = {"ddim": DDIM, "ddpm": DDPM, "dpm++2m": DPMPP_2M}
+SOLVER_IDS = {"ddim": DDIM, "ddpm": DDPM, "dpm++2m": DPMPP_2M}
+# The coefficient tables the kernel reads (float32, indexed by the respaced step), in its
+# argument order; a solver provides the ones its branch reads.
+TABLES = (
+    "sqrt_recip_ac", "sqrt_recipm1_ac", "sqrt_one_minus_ac", "sqrt_ac_prev", "dir_coef", "sigma",
+    "coef1", "coef2", "max_log", "min_log", "fixed_log_var", "ratio", "lin", "cur", "prev",
+)  # fmt: skip
 
 
 @triton.jit
@@ -84,58 +95,52 @@ def _step_kernel(
     tl.store(X0 + offs, x0.to(X0.dtype.element_ty), mask=mask)
 
 
-class StepKernel:
-    """The fused update for one sampler and diffusion on one device.
+def sampler_step(
+    solver: str,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    step: torch.Tensor,
+    tables: Mapping[str, torch.Tensor],
+    *,
+    grad: torch.Tensor | None = None,
+    scale: float = 0.0,
+    z: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
+    clip: bool = True,
+    learn_sigma: bool = False,
+    predict_xstart: bool = False,
+    x_next: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One update -> (x_next, x0), written into x_next / x0 when given (x_next may be x).
 
-    `__call__(x, out, step, grad=None, z=None)` returns (x_next, x0); `step` is a 0-d int32
-    device tensor (the respaced index i), so a captured CUDA graph can replay it for every step
-    after `step.fill_(i)`. For DPM-Solver++(2M) the previous x0 lives in `self.x0_prev`."""
-
-    def __init__(self, sampler: str, diffusion, device, eta: float = 0.0, clip: bool = True,
-                 guidance_scale: float = 0.0):  # fmt: skip
-        from fastsample.sampler import _dpm_tables, ddim_coefficients, step_tables
-
-        if sampler not in SAMPLER_IDS:
-            raise ValueError(f"sampler {sampler!r}: expected one of {', '.join(SAMPLER_IDS)}")
-        self.sampler, self.diffusion, self.eta = sampler, diffusion, float(eta)
-        self.clip, self.scale = bool(clip), float(guidance_scale)
-        device = torch.device(device)
-        tab = step_tables(diffusion, device)
-        sigma, sqrt_ac_prev, dir_coef = ddim_coefficients(diffusion, device, self.eta)
-        ratio, lin, cur, prev = _dpm_tables(diffusion, device)
-        self.tables = dict(
-            SRA=tab.sqrt_recip_ac, SRM1=tab.sqrt_recipm1_ac, S1M=tab.sqrt_one_minus_ac,
-            SQRT_AC_PREV=sqrt_ac_prev, DIR=dir_coef, SIGMA=sigma, COEF1=tab.coef1,
-            COEF2=tab.coef2, MAX_LOG=tab.max_log, MIN_LOG=tab.min_log, FIXED=tab.fixed_log_var,
-            RATIO=ratio, LIN=lin, CUR=cur, PREV=prev,
-        )  # fmt: skip
-        self.x0_prev: torch.Tensor | None = None
-
-    def noise_used(self) -> bool:
-        return self.sampler == "ddpm" or (self.sampler == "ddim" and self.eta != 0)
-
-    def __call__(self, x, out, step, grad=None, z=None, x_next=None, x0=None):
-        n, c = x.shape[:2]
-        hw = x.numel() // (n * c)
-        x = x.contiguous()
-        out = out.contiguous()
-        guided = grad is not None and self.scale != 0
-        noise = self.noise_used()
-        if noise and z is None:
-            raise ValueError(f"{self.sampler} (eta={self.eta}) needs the step's noise z")
-        if self.sampler == "dpm++2m" and (self.x0_prev is None or self.x0_prev.shape != x.shape):
-            self.x0_prev = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-        x_next = torch.empty_like(x) if x_next is None else x_next
-        x0 = torch.empty_like(x) if x0 is None else x0
-        dummy = x
-        block = 1024
-        _step_kernel[(triton.cdiv(x.numel(), block),)](
-            x, out, grad.contiguous() if guided else dummy, z.contiguous() if noise else dummy,
-            self.x0_prev if self.x0_prev is not None else dummy, x_next, x0, step,
-            *self.tables.values(),
-            x.numel(), c, hw, out.shape[1], self.scale,
-            SAMPLER=SAMPLER_IDS[self.sampler], GUIDED=guided, CLIP=self.clip,
-            LEARN_SIGMA=self.diffusion.learn_sigma, PREDICT_XSTART=self.diffusion.predict_xstart,
-            NOISE=noise, BLOCK=block,
-        )  # fmt: skip
-        return x_next, x0
+    step: 0-d int32 device tensor (the respaced index i), so that a captured CUDA graph replays
+    one launch for every step after `step.fill_(i)`. grad: the unscaled guidance gradient,
+    multiplied by scale in the kernel. z: the step's noise, or None where the update adds none.
+    history: for multistep solvers, a float32 buffer shaped like x holding the previous step's
+    x0 (zeros before the first step); the kernel reads it and writes this step's x0 into it."""
+    if solver not in SOLVER_IDS:
+        raise ValueError(f"solver {solver!r}: expected one of {', '.join(SOLVER_IDS)}")
+    if solver == "dpm++2m" and (history is None or history.shape != x.shape):
+        raise ValueError("dpm++2m needs its history buffer (float32, shaped like x)")
+    if solver == "ddpm" and z is None:
+        raise ValueError("ddpm needs the step's noise z")
+    n, c = x.shape[:2]
+    hw = x.numel() // (n * c)
+    x = x.contiguous()
+    out = out.contiguous()
+    guided = grad is not None and scale != 0
+    x_next = torch.empty_like(x) if x_next is None else x_next
+    x0 = torch.empty_like(x) if x0 is None else x0
+    dummy = x
+    block = 1024
+    _step_kernel[(triton.cdiv(x.numel(), block),)](
+        x, out, grad.contiguous() if guided else dummy, z.contiguous() if z is not None else dummy,
+        history if history is not None else dummy, x_next, x0, step,
+        *(tables.get(name, dummy) for name in TABLES),
+        x.numel(), c, hw, out.shape[1], float(scale),
+        SAMPLER=SOLVER_IDS[solver], GUIDED=guided, CLIP=bool(clip),
+        LEARN_SIGMA=bool(learn_sigma), PREDICT_XSTART=bool(predict_xstart),
+        NOISE=z is not None, BLOCK=block,
+    )  # fmt: skip
+    return x_next, x0

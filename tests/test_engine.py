@@ -27,12 +27,18 @@ def test_pipeline_fast_engine_matches_eager_on_cpu():
     kwargs = dict(batch_size=3, classes=[1, 7], sampler="ddim", seed=3, progress=False)
     eager = Pipeline(model, d, clf, guidance_scale=2.0, engine="eager").generate(4, **kwargs)
     model2, clf2, _ = _demo()
+    model2.requires_grad_(True)
     fast_pipe = Pipeline(model2, d, clf2, guidance_scale=2.0, engine="fast")
     fast = fast_pipe.generate(4, **kwargs)
     assert fast_pipe.engine == "fast"
-    # The engine's classifier pools with its first query only.
-    pools = [m for m in fast_pipe.classifier.modules() if isinstance(m, AttentionPool2d)]
+    # The engine's own copy of the classifier pools with its first query only; the caller's
+    # networks are left as they were (full pool, parameters still trainable).
+    pools = [m for m in fast_pipe._engine.classifier.modules() if isinstance(m, AttentionPool2d)]
     assert pools and all(p.first_query_only for p in pools)
+    assert not any(
+        m.first_query_only for m in clf2.modules() if isinstance(m, AttentionPool2d)
+    )
+    assert all(p.requires_grad for p in model2.parameters())
     assert np.array_equal(eager.labels, fast.labels)
     diff = np.abs(eager.images.astype(int) - fast.images.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999
@@ -67,8 +73,8 @@ def test_cuda_graphs_and_streams_match_eager(sampler, graphs, streams):
     y = torch.tensor([0, 3, 7, 9], device="cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, device="cuda", generator=gen)
-    want = sample(model.set_backend("torch"), d, (4, 1, 32, 32), y=y, sampler=sampler,
-                  classifier=clf.set_backend("torch"), guidance_scale=2.0, noise=noise)  # fmt: skip
+    want = sample(model.set_kernels("torch"), d, (4, 1, 32, 32), y=y, sampler=sampler,
+                  classifier=clf.set_kernels("torch"), guidance_scale=2.0, noise=noise)  # fmt: skip
     model2, clf2, _ = _demo("cuda")
     engine = FastEngine(model2, clf2, cuda_graphs=graphs, streams=streams)
     steps = []

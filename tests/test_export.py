@@ -34,7 +34,7 @@ from fastsample import Classifier, Diffusion, SuperResUNet, UNet, sample
 from fastsample.checkpoint import load_model
 from fastsample.cli import main
 from fastsample.config import DEMO_UNET, PRESETS
-from fastsample.guidance import classifier_guide
+from fastsample.netfns import guidance_fn
 
 DEMO_CLASSIFIER = PRESETS[DEMO_UNET].classifier
 
@@ -103,7 +103,7 @@ def test_gradient_graph_matches_autograd(demo, demo_export, batch):
     x = torch.randn(batch, 1, 32, 32, generator=gen)
     t = torch.rand(batch, generator=gen) * 999
     y = torch.randint(0, 10, (batch,), generator=gen)
-    want = classifier_guide(clf, y, 1.0)(x, t)
+    want = guidance_fn(clf, y)(x, t)
     session = ort.InferenceSession(str(demo_export / "classifier_grad.onnx"))
     (got,) = session.run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})
     assert want.abs().max() > 0
@@ -170,7 +170,7 @@ def test_traced_gradient_module_on_tiny_classifier(golden):
     x = torch.randn(3, 3, 16, 16, generator=gen)
     t = torch.tensor([0.0, 400.0, 999.0])
     y = torch.tensor([1, 5, 9])
-    want = classifier_guide(clf, y, 1.0)(x, t)
+    want = guidance_fn(clf, y)(x, t)
     assert rel_err(module(x, t, y), want) < 1e-5
     # Any batch: the trace is symbolic in the batch size.
     assert rel_err(module(x[:1], t[:1], y[:1]), want[:1]) < 1e-5

@@ -97,22 +97,26 @@ def test_input_checks_name_the_problem():
 
 
 def test_backend_selection():
-    assert ops.resolve_backend("auto", "cpu") == ("onednn" if ops.onednn_available() else "torch")
-    assert ops.resolve_backend("auto", "meta") == "torch"
+    assert ops.resolve_kernels("auto", "cpu") == ("onednn" if ops.onednn_available() else "torch")
+    assert ops.resolve_kernels("auto", "meta") == "torch"
     with pytest.raises(ValueError, match="'cuda'"):
-        ops.resolve_backend("cuda", "cpu")
+        ops.resolve_kernels("cuda", "cpu")
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-            ops.resolve_backend("triton", "cpu")
-    model = create_model("demo-mnist", backend="torch")
-    assert model.backend == "torch"
+            ops.resolve_kernels("triton", "cpu")
+    model = create_model("demo-mnist").set_kernels("torch")
+    assert model.kernels == "torch" and model.kernels_on("cpu") == "torch"
+    # One choice, held by the network and shared by every module that calls a kernel.
     norms = [m for m in model.modules() if isinstance(m, (GroupNorm32, AttentionBlock))]
-    assert norms and all(m.backend == "torch" for m in norms)
+    assert norms and all(m._kernels is model._kernels for m in norms)
     cpu = "onednn" if ops.onednn_available() else "torch"
-    model = load_model("demo-mnist")  # "auto": onednn on the CPU, re-picked when moved
-    assert model.backend_request == "auto" and model.backend == cpu
-    model.set_backend("torch").set_backend("auto")  # picked again from the device
-    assert model.backend == cpu
+    model = load_model("demo-mnist")  # "auto": resolved for the device the tensors are on
+    assert model.kernels == "auto" and model.kernels_on() == cpu
+    assert model.kernels_on("meta") == "torch"
+    model.set_kernels("torch").set_kernels("auto")
+    assert model.kernels_on() == cpu
+    with pytest.raises(ValueError, match="kernels 'onednn' run on the CPU"):
+        model.set_kernels("onednn").to("meta").set_kernels("onednn")
 
 
 def test_torch_backend_is_the_reference_arithmetic():

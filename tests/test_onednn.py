@@ -17,7 +17,7 @@ from conftest import golden_labels, rel_err
 
 import fastsample
 from fastsample import Classifier, SuperResUNet, UNet, ops
-from fastsample.guidance import classifier_guide
+from fastsample.netfns import guidance_fn, scaled
 from fastsample.unet import Conv2d
 
 FP32_TOL = 1e-5
@@ -30,18 +30,19 @@ pytestmark = pytest.mark.skipif(
 def _golden(cls, config, state_dict, backend="onednn"):
     net = cls(**config)
     net.load_state_dict(state_dict)
-    return net.eval().requires_grad_(False).set_backend(backend)
+    return net.eval().requires_grad_(False).set_kernels(backend)
 
 
 def test_auto_backend_is_onednn_on_the_cpu():
-    assert ops.resolve_backend("auto", "cpu") == "onednn"
+    assert ops.resolve_kernels("auto", "cpu") == "onednn"
     net = fastsample.create_model("demo-mnist")
     assert net.backend == "onednn"
-    assert all(m.backend == "onednn" for m in net.modules() if isinstance(m, Conv2d))
-    with pytest.raises(ValueError, match="backend 'onednn' runs on the CPU.*meta"):
-        ops.resolve_backend("onednn", "meta")
+    cpu = torch.device("cpu")
+    assert all(m._kernels.on(cpu) == "onednn" for m in net.modules() if isinstance(m, Conv2d))
+    with pytest.raises(ValueError, match="kernels 'onednn' run on the CPU.*meta"):
+        ops.resolve_kernels("onednn", "meta")
     with pytest.raises(ValueError, match="'auto', 'torch', 'triton' or 'onednn'"):
-        ops.resolve_backend("mkl", "cpu")
+        ops.resolve_kernels("mkl", "cpu")
 
 
 def test_golden_networks_on_onednn(golden):
@@ -65,7 +66,7 @@ def test_golden_networks_on_onednn(golden):
 def test_guidance_gradient_on_onednn(golden):
     config, g = golden
     classifier = _golden(Classifier, config["classifier"], g["classifier_state_dict"])
-    guide = classifier_guide(classifier, g["in_y"], config["cond_fn_scale"])
+    guide = scaled(guidance_fn(classifier, g["in_y"]), config["cond_fn_scale"])
     grad = guide(g["in_x"], g["in_t"])
     assert rel_err(grad, g["out_cond_fn_grad"]) <= FP32_TOL
     assert not any(p.grad is not None for p in classifier.parameters())
@@ -82,15 +83,15 @@ def test_new_attention_order_and_other_pools_match_torch(golden):
     y = golden_labels(cfg, g)
     with torch.no_grad():
         expected = unet(x, t, y)
-        assert rel_err(unet.set_backend("onednn")(x, t, y), expected) <= FP32_TOL
+        assert rel_err(unet.set_kernels("onednn")(x, t, y), expected) <= FP32_TOL
     for pool in ("adaptive", "spatial", "spatial_v2"):
         torch.manual_seed(1)
         clf = Classifier(**dict(config["classifier"], pool=pool)).eval().requires_grad_(False)
         for p in clf.parameters():
             p.normal_(0, 0.1)
         y = torch.tensor([1, 7])
-        grad_torch = classifier_guide(clf.set_backend("torch"), y, 1.0)(x, t)
-        grad_onednn = classifier_guide(clf.set_backend("onednn"), y, 1.0)(x, t)
+        grad_torch = guidance_fn(clf.set_kernels("torch"), y)(x, t)
+        grad_onednn = guidance_fn(clf.set_kernels("onednn"), y)(x, t)
         assert rel_err(grad_onednn, grad_torch) <= FP32_TOL, pool
 
 
@@ -126,7 +127,7 @@ def test_wide_network_takes_winograd_and_matches_torch():
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
     with torch.no_grad():
         expected = unet(x, t)
-        out = unet.set_backend("onednn")(x, t)
+        out = unet.set_kernels("onednn")(x, t)
     assert rel_err(out, expected) <= FP32_TOL
     packed = [ops._PACKED[m] for m in unet.modules() if isinstance(m, Conv2d)]
     assert any(p._winograd is not None for p in packed)  # the rule fired...
@@ -141,7 +142,7 @@ def test_packed_conv_input_gradient(kernel, stride, padding):
     grad_out = torch.randn(conv(x).shape)
     grads = {}
     for backend in ("torch", "onednn"):
-        conv.backend = backend
+        conv._kernels = ops.KernelChoice(backend)
         x_in = x.clone().requires_grad_(True)
         out = conv(x_in)
         (grads[backend],) = torch.autograd.grad(out, x_in, grad_out)
@@ -157,21 +158,21 @@ def test_packed_weights_follow_weight_changes_and_training():
     for p in net.parameters():
         p.data.normal_(0, 0.1)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
-    net.requires_grad_(False).set_backend("onednn")
+    net.requires_grad_(False).set_kernels("onednn")
     with torch.no_grad():
         before = net(x, t)
         # new weights in place (what load_state_dict does): the packed copies are remade
         state = {k: v * 1.5 if v.is_floating_point() else v for k, v in net.state_dict().items()}
         net.load_state_dict(state)
         after = net(x, t)
-        assert rel_err(after, net.set_backend("torch")(x, t)) <= FP32_TOL
+        assert rel_err(after, net.set_kernels("torch")(x, t)) <= FP32_TOL
     assert rel_err(after, before) > 1e-2
     # Trainable weights: autograd gets the weight gradients (the torch ops run).
-    net.set_backend("onednn").requires_grad_(True)
+    net.set_kernels("onednn").requires_grad_(True)
     net(x, t).square().mean().backward()
     onednn_grads = [p.grad.clone() for p in net.parameters()]
     net.zero_grad()
-    net.set_backend("torch")(x, t).square().mean().backward()
+    net.set_kernels("torch")(x, t).square().mean().backward()
     expected = [p.grad for p in net.parameters()]
     # relative to the largest gradient: some parameters' gradients are ~1e-10 of it
     scale = max(e.abs().max() for e in expected)
@@ -204,13 +205,13 @@ def test_group_norm_fold_matches_reference(batch, affine):
     weight, bias = (torch.randn(64), torch.randn(64)) if affine else (None, None)
     scale, shift = torch.randn(batch, 64), torch.randn(batch, 64)
     for kwargs in ({}, {"silu": True}, {"scale": scale, "shift": shift, "silu": True}):
-        expected = ops.group_norm(x, 32, weight, bias, **kwargs, backend="torch")
-        out = ops.group_norm(x, 32, weight, bias, **kwargs, backend="onednn")
+        expected = ops.group_norm(x, 32, weight, bias, **kwargs, kernels="torch")
+        out = ops.group_norm(x, 32, weight, bias, **kwargs, kernels="onednn")
         assert rel_err(out, expected) <= FP32_TOL, kwargs
         x_in = x.clone().requires_grad_(True)
         grad_out = torch.randn(expected.shape)
         grads = [
-            torch.autograd.grad(ops.group_norm(x_in, 32, weight, bias, **kwargs, backend=b),
+            torch.autograd.grad(ops.group_norm(x_in, 32, weight, bias, **kwargs, kernels=b),
                                 x_in, grad_out)[0]
             for b in ("torch", "onednn")
         ]  # fmt: skip

@@ -162,11 +162,11 @@ def test_trajectory_matches_reference(golden, one_thread, run, noise_from):
 
 
 def test_classifier_gradient_matches_reference(golden, one_thread):
-    from fastsample.guidance import classifier_guide
+    from fastsample.netfns import guidance_fn, scaled
 
     config, g = golden
     _, classifier = _golden_networks(golden)
-    guide = classifier_guide(classifier, g["in_y"], config["cond_fn_scale"])
+    guide = scaled(guidance_fn(classifier, g["in_y"]), config["cond_fn_scale"])
     assert rel_err(guide(g["in_x"], g["in_t"]), g["out_cond_fn_grad"]) <= 1e-5
     assert not any(p.grad is not None for p in classifier.parameters())
 
@@ -184,8 +184,8 @@ def test_to_uint8_truncates():
 
 def test_ddim_eta1_on_respaced_cosine_stays_finite(golden):
     diffusion = Diffusion(noise_schedule="cosine", timestep_respacing="6")
-    tab = samplers.step_tables(diffusion, torch.device("cpu"))
-    ac, acp = tab.alphas_cumprod, tab.alphas_cumprod_prev
+    tab = samplers.ddim_tables(diffusion, torch.device("cpu"))
+    ac, acp = tab["alphas_cumprod"], tab["alphas_cumprod_prev"]
     sigma = torch.sqrt((1 - acp) / (1 - ac)) * torch.sqrt(1 - ac / acp)
     # The reference's float32 formula goes negative under the square root here (-> NaN).
     assert bool(((1 - acp - sigma**2) < 0).any())
@@ -271,7 +271,8 @@ def test_dpmpp_2m_is_far_more_accurate_than_ddim_on_gaussian_data():
 def _first_ddpm_step(diffusion, out, x_t, z):
     """x after the first ancestral step of a network that always returns `out`."""
     steps = []
-    samplers.ddpm_loop(
+    samplers.run(
+        "ddpm",
         lambda x, t: out,
         diffusion,
         lambda k: x_t if k == 0 else z,
@@ -308,7 +309,7 @@ def test_rescaled_timesteps_reach_the_network():
         seen.append(t.tolist())
         return torch.zeros(x.shape[0], 6, *x.shape[2:])
 
-    samplers.ddim_loop(net, d, lambda k: torch.zeros(1, 3, 2, 2))
+    samplers.run("ddim", net, d, lambda k: torch.zeros(1, 3, 2, 2))
     assert seen == [[t * 1000 / 500] for t in reversed(d.timestep_map.tolist())]
     assert seen[0][0] == 998.0
 

@@ -337,7 +337,10 @@ def parse_flags(flags: str | Mapping[str, Any], known: Mapping[str, Any]) -> dic
     """Parse script flags (a string such as "--image_size 256 --class_cond True", or a dict)
     against `known` (flag -> default); returns every known flag, defaults filled in."""
     if isinstance(flags, str):
-        tokens = shlex.split(flags)
+        try:
+            tokens = shlex.split(flags)
+        except ValueError as e:  # (an unclosed quote)
+            raise InputError(f"flag string {flags!r}: {e}") from None
         given: dict[str, Any] = {}
         i = 0
         while i < len(tokens):

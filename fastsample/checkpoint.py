@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pickle
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from .config import NetworkConfig, config_from_dict, config_to_dict
 from .errors import CheckpointError, InputError
+from .image_io import atomic_write, file_sha256  # noqa: F401  (file_sha256: re-exported)
 from .presets import PRESETS, get_preset
 from .schedule import Diffusion
 from .unet import _Network, network_class
@@ -33,6 +33,7 @@ PRESET_KEY = "fastsample.preset"
 DIFFUSION_KEY = "fastsample.diffusion"
 
 StateDict = Mapping[str, torch.Tensor]
+Kernels = Literal["auto", "torch", "triton", "onednn"]
 
 
 def _resolve(preset: str | NetworkConfig) -> tuple[NetworkConfig, str | None]:
@@ -46,22 +47,45 @@ def create_model(
     preset: str | NetworkConfig,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    kernels: Kernels = "auto",
+    *,
+    backend: str | None = None,
 ) -> _Network:
     """Build a preset (by stem, e.g. "256x256_diffusion") or a config with random weights.
 
     dtype None runs the torso as the README does (float16 where the preset's use_fp16 is set);
     torch.float32 / float16 / bfloat16 choose explicitly. `device="meta"` allocates nothing.
-    backend: "auto" (triton kernels on CUDA where Triton is installed, else torch), "torch" or
-    "triton" (see fastsample.ops).
+    kernels: "auto" (triton on CUDA where Triton is installed, onednn on a CPU torch built with
+    it, else torch), "torch", "triton" or "onednn" (see fastsample.ops). backend: the old name
+    of kernels (kept for one release).
     """
+    kernels = _kernels_argument(kernels, backend)
     config, name = _resolve(preset)
     with torch.device(device):
         model = network_class(config)(config)
     model.preset = name
     model.set_precision(dtype if dtype is not None else model.dtype)
-    model.set_backend(backend)
+    _set_kernels(model, kernels)
     return model.eval().requires_grad_(False)
+
+
+def _kernels_argument(kernels: str, backend: str | None) -> str:
+    if backend is None:
+        return kernels
+    warnings.warn(
+        "backend= is renamed kernels= (the old name goes in the next release)",
+        DeprecationWarning,
+        stacklevel=3,  # (the caller of create_model / load_model)
+    )
+    if kernels not in ("auto", backend):
+        raise InputError(f"backend={backend!r} and kernels={kernels!r}: give kernels= only")
+    return backend
+
+
+def _set_kernels(model: _Network, kernels: str) -> None:
+    # (set_backend: the method's name on networks from before the rename)
+    set_kernels = getattr(model, "set_kernels", None) or model.set_backend
+    set_kernels(kernels)
 
 
 @functools.cache
@@ -231,14 +255,18 @@ def load_model(
     preset: str | NetworkConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    backend: str = "auto",
+    kernels: Kernels = "auto",
+    *,
+    backend: str | None = None,
 ) -> _Network:
     """Load a released (or fastsample-saved) checkpoint strictly, in eval mode. `path` may also
     name a preset whose weights ship with fastsample ("demo-mnist", "demo-mnist-classifier").
 
     dtype None runs the torso as the README does (float16 where use_fp16 is set); float32,
-    float16 or bfloat16 choose explicitly. backend: as for create_model.
+    float16 or bfloat16 choose explicitly. kernels (and its old name backend): as for
+    create_model.
     """
+    kernels = _kernels_argument(kernels, backend)
     path = Path(path)
     if not path.exists() and str(path) in PRESETS and PRESETS[str(path)].weights:
         # A preset whose weights ship with fastsample (the demo).
@@ -275,7 +303,7 @@ def load_model(
     model.set_precision(
         dtype if dtype is not None else (torch.float16 if config.use_fp16 else torch.float32)
     )
-    model.set_backend(backend)
+    _set_kernels(model, kernels)
     return model.eval().requires_grad_(False)
 
 
@@ -319,46 +347,3 @@ def save_checkpoint(
     else:
         atomic_write(path, lambda f: torch.save(state_dict, f))
     return path
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The sha256 of a file's bytes, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it into place: readers
-    see the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # and the rename itself survives a crash
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # (platforms without directory handles)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -45,7 +45,7 @@ def test_round_trip_gives_identical_outputs(golden, tmp_path, key, suffix):
     assert type(loaded) is type(model) and loaded.config == config
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     # the same weights on the same backend (load_model's "auto") compute the same bits
-    model.set_backend(loaded.backend)
+    model.set_kernels(loaded.backend)
     assert torch.equal(_forward(loaded, golden, key), _forward(model, golden, key))
     assert [p.name for p in tmp_path.iterdir()] == [f"tiny{suffix}"]  # no temporary left over
     umask = os.umask(0)
@@ -107,7 +107,7 @@ def test_full_size_file_is_detected_and_loaded_strictly(real_classifier_file):
     x, t = torch.randn(1, 3, 128, 128), torch.tensor([500])
     reference = Classifier(fastsample.presets["128x128_classifier"].network)
     reference.load_state_dict(state_dict)
-    reference.set_backend(model.backend)
+    reference.set_kernels(model.backend)
     with torch.no_grad():
         assert torch.equal(model(x, t), reference.eval()(x, t))
 
@@ -212,3 +212,17 @@ def test_missing_file_and_bad_suffix(tmp_path, golden):
     with pytest.raises(ValueError, match="expected a .pt or .safetensors suffix"):
         save_checkpoint(model, tmp_path / "model.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_backend_keyword_is_a_deprecated_name_of_kernels():
+    from fastsample import create_model
+
+    assert load_model("demo-mnist", kernels="torch").kernels_on() == "torch"
+    with pytest.warns(DeprecationWarning, match="backend= is renamed kernels=") as record:
+        model = load_model("demo-mnist", backend="torch")
+    assert model.kernels_on() == "torch"
+    assert record[0].filename == __file__  # reported where it is called
+    with pytest.warns(DeprecationWarning):
+        assert create_model("demo-mnist", backend="torch").kernels_on() == "torch"
+    with pytest.raises(ValueError, match="give kernels= only"), pytest.warns(DeprecationWarning):
+        create_model("demo-mnist", kernels="onednn", backend="torch")

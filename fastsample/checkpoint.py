@@ -65,7 +65,7 @@ def create_model(
         model = network_class(config)(config)
     model.preset = name
     model.set_precision(dtype if dtype is not None else model.dtype)
-    _set_kernels(model, kernels)
+    model.set_kernels(kernels)
     return model.eval().requires_grad_(False)
 
 
@@ -80,12 +80,6 @@ def _kernels_argument(kernels: str, backend: str | None) -> str:
     if kernels not in ("auto", backend):
         raise InputError(f"backend={backend!r} and kernels={kernels!r}: give kernels= only")
     return backend
-
-
-def _set_kernels(model: _Network, kernels: str) -> None:
-    # (set_backend: the method's name on networks from before the rename)
-    set_kernels = getattr(model, "set_kernels", None) or model.set_backend
-    set_kernels(kernels)
 
 
 @functools.cache
@@ -303,7 +297,7 @@ def load_model(
     model.set_precision(
         dtype if dtype is not None else (torch.float16 if config.use_fp16 else torch.float32)
     )
-    _set_kernels(model, kernels)
+    model.set_kernels(kernels)
     return model.eval().requires_grad_(False)
 
 

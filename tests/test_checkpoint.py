@@ -44,8 +44,8 @@ def test_round_trip_gives_identical_outputs(golden, tmp_path, key, suffix):
     loaded = load_model(path, preset=None if suffix == ".safetensors" else config)
     assert type(loaded) is type(model) and loaded.config == config
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
-    # the same weights on the same backend (load_model's "auto") compute the same bits
-    model.set_kernels(loaded.backend)
+    # the same weights on the same kernels (load_model's "auto") compute the same bits
+    model.set_kernels(loaded.kernels_on())
     assert torch.equal(_forward(loaded, golden, key), _forward(model, golden, key))
     assert [p.name for p in tmp_path.iterdir()] == [f"tiny{suffix}"]  # no temporary left over
     umask = os.umask(0)
@@ -107,7 +107,7 @@ def test_full_size_file_is_detected_and_loaded_strictly(real_classifier_file):
     x, t = torch.randn(1, 3, 128, 128), torch.tensor([500])
     reference = Classifier(fastsample.presets["128x128_classifier"].network)
     reference.load_state_dict(state_dict)
-    reference.set_kernels(model.backend)
+    reference.set_kernels(model.kernels_on())
     with torch.no_grad():
         assert torch.equal(model(x, t), reference.eval()(x, t))
 

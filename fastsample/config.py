@@ -14,14 +14,14 @@ import importlib
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .errors import InputError, InputTypeError
 from .schedule import Diffusion
 
 NUM_CLASSES = 1000
 PoolType = Literal["adaptive", "attention", "spatial", "spatial_v2"]
-POOL_TYPES = ("adaptive", "attention", "spatial", "spatial_v2")
+POOL_TYPES: tuple[str, ...] = get_args(PoolType)
 
 
 def _as_tuple(values: Iterable[Any] | int | float) -> tuple:
@@ -237,48 +237,22 @@ def _attention_layers(cfg: UNetConfig | ClassifierConfig, with_outputs: bool) ->
 # functions from flags to constructor arguments.
 
 MODEL_FLAG_DEFAULTS: dict[str, Any] = dict(
-    image_size=64,
-    num_channels=128,
-    num_res_blocks=2,
-    num_heads=4,
-    num_heads_upsample=-1,
-    num_head_channels=-1,
-    attention_resolutions="16,8",
-    channel_mult="",
-    dropout=0.0,
-    class_cond=False,
-    use_checkpoint=False,
-    use_scale_shift_norm=True,
-    resblock_updown=False,
-    use_fp16=False,
-    use_new_attention_order=False,
-)
+    image_size=64, num_channels=128, num_res_blocks=2, num_heads=4, num_heads_upsample=-1,
+    num_head_channels=-1, attention_resolutions="16,8", channel_mult="", dropout=0.0,
+    class_cond=False, use_checkpoint=False, use_scale_shift_norm=True, resblock_updown=False,
+    use_fp16=False, use_new_attention_order=False,
+)  # fmt: skip
 DIFFUSION_FLAG_DEFAULTS: dict[str, Any] = dict(
-    learn_sigma=False,
-    diffusion_steps=1000,
-    noise_schedule="linear",
-    timestep_respacing="",
-    use_kl=False,
-    predict_xstart=False,
-    rescale_timesteps=False,
-    rescale_learned_sigmas=False,
-)
+    learn_sigma=False, diffusion_steps=1000, noise_schedule="linear", timestep_respacing="",
+    use_kl=False, predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
+)  # fmt: skip
 CLASSIFIER_FLAG_DEFAULTS: dict[str, Any] = dict(
-    image_size=64,
-    classifier_use_fp16=False,
-    classifier_width=128,
-    classifier_depth=2,
-    classifier_attention_resolutions="32,16,8",
-    classifier_use_scale_shift_norm=True,
-    classifier_resblock_updown=True,
-    classifier_pool="attention",
-)
+    image_size=64, classifier_use_fp16=False, classifier_width=128, classifier_depth=2,
+    classifier_attention_resolutions="32,16,8", classifier_use_scale_shift_norm=True,
+    classifier_resblock_updown=True, classifier_pool="attention",
+)  # fmt: skip
 SAMPLE_FLAG_DEFAULTS: dict[str, Any] = dict(
-    clip_denoised=True,
-    num_samples=10000,
-    batch_size=16,
-    use_ddim=False,
-    model_path="",
+    clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path=""
 )
 # classifier_sample.py: model + diffusion + classifier + sampling flags (image_sample.py's are a
 # subset). super_res_sample.py: the upsampler's own set, which has no image_size, channel_mult or
@@ -408,6 +382,28 @@ def _pixels_to_ds(resolutions: str, image_size: int, flag: str) -> tuple[int, ..
     return tuple(image_size // p for p in pixels)
 
 
+# Flags that are constructor arguments under the same name.
+_SAME_NAME = ("num_res_blocks", "dropout", "use_checkpoint", "use_fp16", "num_heads",
+              "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
+              "resblock_updown")  # fmt: skip
+
+
+def _unet_arguments(f: Mapping[str, Any], size: int, channel_mult: tuple) -> dict[str, Any]:
+    """create_model's and sr_create_model's conversion of parsed flags to UNetModel arguments."""
+    return {
+        "image_size": size,
+        "in_channels": 3,
+        "model_channels": f["num_channels"],
+        "out_channels": 6 if f["learn_sigma"] else 3,
+        "attention_resolutions": _pixels_to_ds(
+            f["attention_resolutions"], size, "attention_resolutions"
+        ),
+        "channel_mult": channel_mult,
+        "num_classes": NUM_CLASSES if f["class_cond"] else None,
+        **{name: f[name] for name in _SAME_NAME},
+    }
+
+
 def unet_config_from_flags(flags: str | Mapping[str, Any]) -> UNetConfig:
     """README flags of classifier_sample.py / image_sample.py -> the diffusion UNet's config."""
     f = parse_flags(flags, CLASSIFIER_SAMPLE_FLAGS)
@@ -422,24 +418,7 @@ def unet_config_from_flags(flags: str | Mapping[str, Any]) -> UNetConfig:
                 f"--channel_mult {f['channel_mult']!r}: expected comma-separated integers"
             ) from None
     return UNetConfig(
-        image_size=size,
-        in_channels=3,
-        model_channels=f["num_channels"],
-        out_channels=6 if f["learn_sigma"] else 3,
-        num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=_pixels_to_ds(
-            f["attention_resolutions"], size, "attention_resolutions"
-        ),
-        dropout=f["dropout"],
-        channel_mult=channel_mult,
-        num_classes=NUM_CLASSES if f["class_cond"] else None,
-        use_checkpoint=f["use_checkpoint"],
-        use_fp16=f["use_fp16"],
-        num_heads=f["num_heads"],
-        num_head_channels=f["num_head_channels"],
-        num_heads_upsample=f["num_heads_upsample"],
-        use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f["resblock_updown"],
+        **_unet_arguments(f, size, channel_mult),
         use_new_attention_order=f["use_new_attention_order"],
     )
 
@@ -448,26 +427,7 @@ def super_res_config_from_flags(flags: str | Mapping[str, Any]) -> SuperResConfi
     """README flags of super_res_sample.py -> the upsampler's config."""
     f = parse_flags(flags, SUPER_RES_SAMPLE_FLAGS)
     size = f["large_size"]
-    return SuperResConfig(
-        image_size=size,
-        in_channels=3,
-        model_channels=f["num_channels"],
-        out_channels=6 if f["learn_sigma"] else 3,
-        num_res_blocks=f["num_res_blocks"],
-        attention_resolutions=_pixels_to_ds(
-            f["attention_resolutions"], size, "attention_resolutions"
-        ),
-        dropout=f["dropout"],
-        channel_mult=super_res_channel_mult(size),
-        num_classes=NUM_CLASSES if f["class_cond"] else None,
-        use_checkpoint=f["use_checkpoint"],
-        use_fp16=f["use_fp16"],
-        num_heads=f["num_heads"],
-        num_head_channels=f["num_head_channels"],
-        num_heads_upsample=f["num_heads_upsample"],
-        use_scale_shift_norm=f["use_scale_shift_norm"],
-        resblock_updown=f["resblock_updown"],
-    )
+    return SuperResConfig(**_unet_arguments(f, size, super_res_channel_mult(size)))
 
 
 def classifier_config_from_flags(flags: str | Mapping[str, Any]) -> ClassifierConfig:
@@ -509,22 +469,15 @@ def diffusion_from_flags(flags: str | Mapping[str, Any], super_res: bool = False
 # --------------------------------------------------------------------------------------------
 # Serialisation (checkpoint metadata): {"kind": ..., "config": {...}}.
 
-_KINDS: dict[str, type] = {
-    "unet": UNetConfig,
-    "superres": SuperResConfig,
-    "classifier": ClassifierConfig,
-}
-
-
-def config_kind(config: NetworkConfig) -> str:
-    for kind, cls in _KINDS.items():
-        if type(config) is cls:
-            return kind
-    raise InputTypeError(f"not a network config: {type(config).__name__}")
+_KINDS: dict[str, type] = {"unet": UNetConfig, "superres": SuperResConfig,
+                           "classifier": ClassifierConfig}  # fmt: skip
 
 
 def config_to_dict(config: NetworkConfig) -> dict[str, Any]:
-    return {"kind": config_kind(config), "config": dataclasses.asdict(config)}
+    kind = next((k for k, cls in _KINDS.items() if type(config) is cls), None)
+    if kind is None:
+        raise InputTypeError(f"not a network config: {type(config).__name__}")
+    return {"kind": kind, "config": dataclasses.asdict(config)}
 
 
 def config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
@@ -534,14 +487,9 @@ def config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
     return _KINDS[kind](**data["config"])
 
 
-# --------------------------------------------------------------------------------------------
-# Names that moved to presets.py, still importable from here for one release.
-
-_MOVED_TO_PRESETS = ("DEMO_CLASSIFIER", "DEMO_UNET", "PRESETS", "RELEASED", "Preset", "get_preset")
-
-
 def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_PRESETS:
+    """The names that moved to presets.py, still importable from here for one release."""
+    if name in ("DEMO_CLASSIFIER", "DEMO_UNET", "PRESETS", "RELEASED", "Preset", "get_preset"):
         # Lazily (presets imports this module), and by module path: `fastsample.presets` is
         # also the package's public name for the PRESETS mapping.
         return getattr(importlib.import_module(f"{__package__}.presets"), name)

@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from fastsample.checkpoint import file_sha256 as sha256_file
 from fastsample.config import config_to_dict
 from fastsample.errors import ExportError
+from fastsample.image_io import file_sha256 as sha256_file
 from fastsample.schedule import Diffusion
 from fastsample.unet import Classifier, UNet
 
@@ -233,7 +233,7 @@ def _write_graphs(
     # Graphs are traced on the device they will run on (ONNX and TensorRT graphs: the CPU).
     trace_device = device if target == "aoti" else torch.device("cpu")
     # Exported graphs use the plain-torch ops (no Triton kernels inside ONNX or AOTI graphs).
-    model = copy.deepcopy(model).to(trace_device).set_precision(torch_dtype).set_backend("torch")
+    model = copy.deepcopy(model).to(trace_device).set_precision(torch_dtype).set_kernels("torch")
     net = unet_graph(model)
     graphs: dict[str, tuple[torch.nn.Module, GraphIO, int]] = {
         "unet": (net, net.io(), model.config.num_classes or 1)
@@ -243,7 +243,7 @@ def _write_graphs(
             copy.deepcopy(classifier)
             .to(trace_device)
             .set_precision(torch_dtype)
-            .set_backend("torch")
+            .set_kernels("torch")
         )
         log("tracing the classifier's input gradient")
         grad = classifier_grad_graph(classifier)

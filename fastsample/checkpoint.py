@@ -23,7 +23,7 @@ import torch
 
 from .config import NetworkConfig, config_from_dict, config_to_dict
 from .errors import CheckpointError, InputError
-from .image_io import atomic_write, file_sha256  # noqa: F401  (file_sha256: re-exported)
+from .image_io import atomic_write
 from .presets import PRESETS, get_preset
 from .schedule import Diffusion
 from .unet import _Network, network_class

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write, file_sha256
 from .errors import InputError, RunError
+from .image_io import atomic_write, file_sha256, image_grid, write_npz
 
 RUN_FILE = "run.json"
 SHARD_DIR = "shards"
@@ -79,15 +79,6 @@ def _canonical(obj) -> str:
 
 
 # -- files -------------------------------------------------------------------------------------
-
-
-def write_npz(f, arrays: Sequence[np.ndarray]) -> None:
-    """np.savez's format with fixed zip timestamps, so equal arrays give equal bytes."""
-    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as z:
-        for i, array in enumerate(arrays):
-            info = zipfile.ZipInfo(f"arr_{i}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            with z.open(info, "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _write_merged_npz(f, paths: Sequence[Path]) -> None:
@@ -407,8 +398,6 @@ def _merged_labels(out: Path) -> np.ndarray | None:
 
 def _merge(out: Path, shards: list[Shard], rid: str, meta: dict) -> np.ndarray | None:
     """Every shard, verified, into samples.npz and grid.png; the record lists them."""
-    from .pipeline import image_grid
-
     missing = [s.name for s in shards if _valid(out, s, rid) is not True]
     if missing:
         raise RunError(

@@ -1,13 +1,13 @@
 """One classifier-guided sampling step on eager PyTorch, ONNX Runtime and AOTInductor.
 
     python -m bench.export [--model demo-mnist] [--batch 1 4] [--device cpu|cuda]
-                           [--backends eager onnxruntime aoti] [--dtype fp32] [--json FILE]
+                           [--runtimes eager onnxruntime aoti] [--dtype fp32] [--json FILE]
 
 One process: the networks are exported (ONNX, AOTInductor for --device) into a scratch
-directory, then for each backend and batch size a guided step (the UNet forward plus the
+directory, then for each runtime and batch size a guided step (the UNet forward plus the
 classifier's input gradient, which is what a guided DDIM step spends its time on) is timed as
 the median of --repeats runs after a warm-up, and a whole guided DDIM run (--steps) is timed per
-step. Ratios are against eager PyTorch measured in the same run. Before timing, each backend's
+step. Ratios are against eager PyTorch measured in the same run. Before timing, each runtime's
 samples are compared with eager's from the same noise (max error relative to the sample scale).
 
 Default model: the embedded demo (32x32, trained weights). --model takes any preset (random
@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--backends",
+        "--runtimes",
+        "--backends",  # (the old name)
+        dest="runtimes",
         nargs="+",
         default=["eager", "onnxruntime", "aoti"],
         choices=["eager", "onnxruntime", "aoti", "tensorrt"],
@@ -67,7 +69,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from fastsample.export import export, load
+    from fastsample.export import ExportedGraphs, export
     from fastsample.export.bundle import DTYPES
 
     dtype = DTYPES[args.dtype]
@@ -84,10 +86,10 @@ def main() -> None:
     graphs = {}
     with tempfile.TemporaryDirectory() as scratch:
         export_seconds = {}
-        for backend in args.backends:
-            if backend == "eager":
+        for runtime in args.runtimes:
+            if runtime == "eager":
                 continue
-            target = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt"}[backend]
+            target = {"onnxruntime": "onnx", "aoti": "aoti", "tensorrt": "tensorrt"}[runtime]
             start = time.perf_counter()
             out = export(
                 model,
@@ -99,9 +101,9 @@ def main() -> None:
                 max_batch=max(args.batch),
                 device=device,
             )
-            export_seconds[backend] = time.perf_counter() - start
-            ort_device = "cpu" if backend == "onnxruntime" and device.type == "cpu" else None
-            graphs[backend] = load(out, backend=backend, device=ort_device)
+            export_seconds[runtime] = time.perf_counter() - start
+            ort_device = "cpu" if runtime == "onnxruntime" and device.type == "cpu" else None
+            graphs[runtime] = ExportedGraphs(out, runtime=runtime, device=ort_device)
         eager_model = model.to(device).set_precision(dtype)
         eager_clf = classifier.to(device).set_precision(dtype) if classifier else None
 
@@ -115,8 +117,8 @@ def main() -> None:
             x = noise[0]
             t = torch.full((batch,), float(diffusion.model_timesteps()[-1]))
             results = {}
-            for backend in args.backends:
-                if backend == "eager":
+            for runtime in args.runtimes:
+                if runtime == "eager":
                     from fastsample.export.graphs import unet_graph
 
                     from fastsample.netfns import guidance_fn
@@ -135,7 +137,7 @@ def main() -> None:
 
                     run_model, run_kwargs = eager_model, {"classifier": eager_clf}
                 else:
-                    g = graphs[backend]
+                    g = graphs[runtime]
                     dev = g.device
                     net = g.model_fn(y=y.to(dev) if cfg.num_classes else None)
 
@@ -153,7 +155,7 @@ def main() -> None:
                     sampler="ddim",
                     guidance_scale=scale,
                     noise=noise.to(dev),
-                    backend=backend,
+                    runtime=runtime,
                     **run_kwargs,
                 )
 
@@ -162,21 +164,21 @@ def main() -> None:
 
                 final = whole()
                 run_s = median_seconds(whole, max(1, args.repeats // 5), dev)
-                results[backend] = {
+                results[runtime] = {
                     "guided_step_ms": step_s * 1e3,
                     "run_ms_per_step": run_s / diffusion.num_steps * 1e3,
                     "device": str(dev),
                     "final": final.float().cpu(),
                 }
             base = results.get("eager")
-            for backend, r in results.items():
+            for runtime, r in results.items():
                 err = None
                 if base is not None:
                     err = (r["final"] - base["final"]).abs().max() / base["final"].abs().max()
                     err = err.item()
                 row = {
                     "batch": batch,
-                    "backend": backend,
+                    "runtime": runtime,
                     "device": r["device"],
                     "guided_step_ms": round(r["guided_step_ms"], 3),
                     "run_ms_per_step": round(r["run_ms_per_step"], 3),
@@ -199,14 +201,14 @@ def main() -> None:
     }
     print(json.dumps(header))
     print(
-        f"{'batch':>5} {'backend':<12} {'device':<8} {'guided step ms':>15} "
+        f"{'batch':>5} {'runtime':<12} {'device':<8} {'guided step ms':>15} "
         f"{'run ms/step':>12} {'x eager':>8} {'rel err':>9}"
     )
     for r in rows:
         speed = "" if r["speedup_vs_eager"] is None else f"{r['speedup_vs_eager']:.2f}"
         err = "" if r["sample_rel_err_vs_eager"] is None else f"{r['sample_rel_err_vs_eager']:.1e}"
         print(
-            f"{r['batch']:>5} {r['backend']:<12} {r['device']:<8} {r['guided_step_ms']:>15.2f} "
+            f"{r['batch']:>5} {r['runtime']:<12} {r['device']:<8} {r['guided_step_ms']:>15.2f} "
             f"{r['run_ms_per_step']:>12.2f} {speed:>8} {err:>9}"
         )
     if args.json:

@@ -51,14 +51,17 @@ def split_qkv(qkv: torch.Tensor, heads: int, order: str):
 def attention_reference(
     qkv: torch.Tensor, heads: int, order: str = "legacy", queries: int | None = None
 ) -> torch.Tensor:
-    """The reference implementation's arithmetic (QKVAttentionLegacy / QKVAttention)."""
+    """ADM's attention (QKVAttentionLegacy / QKVAttention): q and k each scaled by
+    head_dim**-0.25 before the product, softmax in float32, cast back to the working dtype.
+    Products as matmuls on [B, H, T, D] views (einsum in the reference; the same sums), which
+    every exporter lowers in every dtype. [B, 3*H*D, T] -> [B, H*D, queries or T]."""
     b, width, length = qkv.shape
     ch = width // (3 * heads)
-    q, k, v = split_qkv(qkv, heads, order)
+    q, k, v = (p.transpose(-1, -2) for p in split_qkv(qkv, heads, order))  # [B, H, T, D]
     if queries is not None:
-        q = q[..., :queries]
+        q = q[..., :queries, :]
     scale = 1 / math.sqrt(math.sqrt(ch))
-    weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
+    weight = torch.matmul(q * scale, (k * scale).transpose(-1, -2))  # [B, H, Tq, Tk]
     weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
-    out = torch.einsum("bhts,bhcs->bhct", weight, v)
-    return out.reshape(b, heads * ch, out.shape[-1])
+    out = torch.matmul(weight, v)  # [B, H, Tq, D]
+    return out.transpose(-1, -2).reshape(b, heads * ch, out.shape[-2])

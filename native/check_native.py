@@ -66,8 +66,8 @@ def main() -> int:
 
     common = dict(y=y, sampler="ddim", guidance_scale=args.scale, noise=noise)
     eager = sample(model, diffusion, (b, 1, 32, 32), classifier=classifier, **common)
-    graphs = load(out, backend="aoti")
-    python = sample(graphs, diffusion, (b, 1, 32, 32), backend="aoti", **common)
+    graphs = load(out, runtime="aoti")
+    python = sample(graphs, diffusion, (b, 1, 32, 32), runtime="aoti", **common)
 
     cmd = [
         args.runner,

@@ -186,7 +186,7 @@ def test_manifest_and_schedule(demo, demo_export):
     assert manifest["versions"]["onnx"] == onnx.__version__
     assert set(manifest["files"]) == {"unet.onnx", "classifier_grad.onnx", "schedule.json"}
     for name, digest in manifest["files"].items():
-        assert sha256_file(demo_export / name) == digest
+        assert hashlib.sha256((demo_export / name).read_bytes()).hexdigest() == digest
     grad = manifest["graphs"]["classifier_grad"]
     assert [i["name"] for i in grad["inputs"]] == ["x", "t", "y"]
     assert grad["inputs"][0]["shape"] == ["batch", 1, 32, 32]
@@ -243,13 +243,13 @@ def test_export_keeps_the_callers_networks(golden, tmp_path):
 
 def test_ort_guided_ddim_matches_eager(demo, demo_export):
     graphs = load(demo_export)
-    assert graphs.backend == "onnxruntime" and graphs.device.type == "cpu"
+    assert graphs.runtime == "onnxruntime" and graphs.device.type == "cpu"
     d = demo["diffusion"]
     y = torch.tensor([0, 3, 7, 9])
     noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, generator=torch.Generator().manual_seed(5))
     common = dict(y=y, sampler="ddim", guidance_scale=2.0, noise=noise, return_trajectory=True)
     eager = sample(demo["model"], d, (4, 1, 32, 32), classifier=demo["classifier"], **common)
-    onnx_run = sample(graphs, d, (4, 1, 32, 32), backend="onnxruntime", **common)
+    onnx_run = sample(graphs, d, (4, 1, 32, 32), runtime="onnxruntime", **common)
     for k in range(d.num_steps):
         assert rel_err(onnx_run["samples"][k], eager["samples"][k]) < 1e-4, k
     # Guidance acted: unguided samples differ far beyond that tolerance.
@@ -264,7 +264,7 @@ def test_ort_ancestral_sampling_matches_eager(demo, demo_export):
     noise = torch.randn(d.num_steps + 1, 2, 1, 32, 32, generator=torch.Generator().manual_seed(6))
     common = dict(y=y, sampler="ddpm", guidance_scale=2.0, noise=noise)
     eager = sample(demo["model"], d, (2, 1, 32, 32), classifier=demo["classifier"], **common)
-    got = sample(graphs, d, (2, 1, 32, 32), backend="onnxruntime", **common)
+    got = sample(graphs, d, (2, 1, 32, 32), runtime="onnxruntime", **common)
     assert rel_err(got, eager) < 1e-4
 
 
@@ -294,11 +294,11 @@ def test_sample_exports_eager_networks_into_the_cache(golden, tmp_path, monkeypa
     noise = torch.randn(5, 2, 3, 16, 16, generator=torch.Generator().manual_seed(8))
     common = dict(y=y, sampler="ddim", classifier=clf, guidance_scale=1.5, noise=noise)
     want = sample(unet, d, (2, 3, 16, 16), **common)
-    got = sample(unet, d, (2, 3, 16, 16), backend="onnxruntime", **common)
+    got = sample(unet, d, (2, 3, 16, 16), runtime="onnxruntime", **common)
     assert rel_err(got, want) < 1e-4
     exports = list((tmp_path / "cache" / "exports").iterdir())
     assert len(exports) == 1 and (exports[0] / "classifier_grad.onnx").is_file()
-    sample(unet, d, (2, 3, 16, 16), backend="onnxruntime", **common)  # reuses it
+    sample(unet, d, (2, 3, 16, 16), runtime="onnxruntime", **common)  # reuses it
     assert list((tmp_path / "cache" / "exports").iterdir()) == exports
 
 
@@ -606,7 +606,7 @@ def test_tensorrt_guided_ddim_matches_eager(demo, tmp_path, monkeypatch):
     noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, device="cuda")
     common = dict(y=y, sampler="ddim", guidance_scale=2.0, noise=noise)
     eager = sample(model, d, (4, 1, 32, 32), classifier=clf, **common)
-    got = sample(graphs, d, (4, 1, 32, 32), backend="tensorrt", **common)
+    got = sample(graphs, d, (4, 1, 32, 32), runtime="tensorrt", **common)
     assert rel_err(got, eager) < 1e-3  # TF32 tactics are allowed by TensorRT's defaults
 
 
@@ -625,5 +625,5 @@ def test_aoti_cuda_guided_ddim_matches_eager(tmp_path):
     noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, device="cuda", generator=gen)
     common = dict(y=y, sampler="ddim", guidance_scale=2.0, noise=noise)
     eager = sample(model, d, (4, 1, 32, 32), classifier=clf, **common)
-    got = sample(graphs, d, (4, 1, 32, 32), backend="aoti", **common)
+    got = sample(graphs, d, (4, 1, 32, 32), runtime="aoti", **common)
     assert rel_err(got, eager) < 1e-3  # cuDNN / Triton kernel choices may use TF32

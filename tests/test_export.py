@@ -9,6 +9,7 @@ step divides by sqrt(alpha_bar)): 1e-4. float16 torsos round every layer to 11 s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 

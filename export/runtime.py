@@ -117,12 +117,10 @@ class ExportedGraphs:
         return self.runtime
 
     def model_fn(self, y: torch.Tensor | None = None, low_res: torch.Tensor | None = None):
-        """model(x, t) for the solvers: the exported UNet, labels and low_res bound."""
-        extra = []
-        if self.super_res:
-            extra.append(low_res)
-        if self.config.num_classes is not None:
-            extra.append(y)
+        """model(x, t) for the solvers: the exported UNet with the inputs its graph declares
+        after x and t (low_res for upsamplers, y for conditional models) bound."""
+        given = {"low_res": low_res, "y": y}
+        extra = [given[name] for name in self.unet.io.input_names[2:]]
 
         def model(x, t):
             return self.unet(x, t.float(), *extra)

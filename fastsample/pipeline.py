@@ -290,6 +290,11 @@ class Pipeline:
         )
 
     @property
+    def backend(self) -> str:
+        """The old name of `runtime` (kept for one release)."""
+        return self.runtime
+
+    @property
     def needs_labels(self) -> bool:
         return self.config.num_classes is not None or self.classifier_config is not None
 

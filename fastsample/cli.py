@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import warnings
 
 import click
 
-from . import __version__
 from .errors import FastsampleError, InputError, MissingFileError
 
 
@@ -109,7 +107,7 @@ def _parse_classes(text: str | None) -> list[int] | None:
         ) from None
 
 
-_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_DTYPES = ["fp32", "fp16", "bf16"]
 
 
 @main.command(
@@ -168,11 +166,26 @@ Examples:
     help="Upsamplers: .npz of low-resolution images (arr_0 NHWC uint8, arr_1 labels).",
 )
 @click.option(
-    "--backend",
+    "--runtime",
     type=click.Choice(["eager", "onnxruntime", "tensorrt", "aoti"]),
     default=None,
     help="Run the networks eagerly (default) or as exported graphs (exported once into the "
-    "cache); with --model EXPORT_DIR, default: the export's own backend.",
+    "cache); with --model EXPORT_DIR, default: the export's own runtime.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["eager", "onnxruntime", "tensorrt", "aoti"]),
+    default=None,
+    hidden=True,
+    help="Deprecated: --runtime.",
+)
+@click.option(
+    "--kernels",
+    type=click.Choice(["auto", "torch", "triton", "onednn"]),
+    default="auto",
+    show_default=True,
+    help="Kernels of the eager networks: auto = triton on CUDA where Triton is installed, "
+    "onednn on the CPU, else torch (the reference's operations).",
 )
 @click.option("--out", "out_dir", default="samples", show_default=True, help="Output directory.")
 @click.option(
@@ -197,7 +210,9 @@ def sample_cmd(
     device,
     dtype,
     low_res,
+    runtime,
     backend,
+    kernels,
     out_dir,
     overwrite,
     quiet,
@@ -208,129 +223,34 @@ def sample_cmd(
     directory."""
     from pathlib import Path
 
-    import numpy as np
-    import torch
+    from . import jobs
 
-    from . import runs
-    from .pipeline import Pipeline
-    from .presets import DEMO_UNET, PRESETS
-
-    for name, value in (("--num-samples", num_samples), ("--batch-size", batch_size)):
-        if value < 1:
-            raise InputError(f"{name} {value}: expected a positive integer")
-    if seed < 0:
-        raise InputError(f"--seed {seed}: expected a non-negative integer")
-    if model is None:
-        model, classifier = DEMO_UNET, classifier or PRESETS[DEMO_UNET].classifier
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here")
-    torch_device = torch.device(device)
-    if torch_device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch_device = torch.device("cuda", runs.local_rank())  # one GPU per torchrun process
-        torch.cuda.set_device(torch_device)
-    if dtype == "auto":
-        torch_dtype = None if torch_device.type == "cuda" else torch.float32
-    else:
-        torch_dtype = getattr(torch, _DTYPES[dtype])
-    out = Path(out_dir)
-    _check_writable(out)
-    labels = _parse_classes(classes)
-    low = None
-    if low_res is not None:
-        try:
-            with np.load(low_res, allow_pickle=False) as data:
-                low = data["arr_0"]
-                if labels is None and "arr_1" in data:
-                    labels = data["arr_1"].tolist()
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"--low-res {low_res}: not an .npz with arr_0 images ({e})") from None
-    if Path(model).is_dir() and (Path(model) / "manifest.json").is_file():
-        if classifier is not None:
-            raise InputError("--classifier: an export directory carries its own gradient graph")
-        if dtype != "auto":
-            raise InputError("--dtype: an export's precision is fixed when it is exported")
-        pipe = Pipeline.from_export(
-            model,
-            backend=None if backend in (None, "eager") else backend,
-            device=str(torch_device),  # (under torchrun: this rank's GPU)
-        )
-        if scale is not None:
-            pipe.guidance_scale = scale
-    else:
-        pipe = Pipeline.from_pretrained(
-            model,
-            classifier,
-            device=torch_device,
-            dtype=torch_dtype,
-            guidance_scale=scale,
-            backend=backend or "eager",
-        )
-    # Whatever generate() would refuse, refused now, before --out is touched.
-    pipe.check(num_samples, batch_size, labels, None, sampler, steps, seed, low)
-    settings = {
-        "model": _identity(model),
-        "classifier": _identity(classifier) if classifier is not None else None,
-        "scale": pipe.guidance_scale,
-        "steps": steps,
-        "sampler": sampler,
-        "eta": eta,
-        "classes": labels,
-        "seed": seed,
-        "dtype": str(pipe.model.dtype if pipe.model is not None else "export"),
-        "device": torch_device.type,
-        "backend": pipe.backend,
-        "low_res": _identity(low_res) if low_res is not None else None,
-        "fastsample": __version__,
-    }
-
-    bar = None
-    num_steps = (pipe.diffusion if steps is None else pipe.diffusion.respaced(steps)).num_steps
-
-    def start(samples: int) -> None:
-        nonlocal bar
-        if samples and not quiet and os.environ.get("RANK", "0") == "0":  # one bar per job
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=samples * num_steps, desc="sampling", unit="step")
-
-    def generate(first: int, count: int):
-        result = pipe.generate(
-            count,
-            batch_size=count,
-            classes=labels,
-            sampler=sampler,
-            steps=steps,
-            eta=eta,
-            seed=seed,
-            progress=bar or False,
-            low_res=None if low is None else low[first : first + count],
-            first_index=first,
-        )
-        return result.images, result.labels
-
-    try:
-        done = runs.run(
-            out,
-            settings,
-            num_samples,
-            batch_size,
-            generate,
-            overwrite=overwrite,
-            device_type=torch_device.type,
-            log=lambda line: click.echo(line, err=True),
-            on_start=start,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
+    request = jobs.SampleRequest(
+        model=model,
+        classifier=classifier,
+        scale=scale,
+        steps=steps,
+        sampler=sampler,
+        eta=eta,
+        num_samples=num_samples,
+        batch_size=batch_size,
+        classes=_parse_classes(classes),
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        low_res=low_res,
+        runtime=_runtime_option(runtime, backend),
+        kernels=kernels,
+        out=out_dir,
+        overwrite=overwrite,
+    )
+    done = jobs.sample(request, progress=not quiet, log=lambda line: click.echo(line, err=True))
     if not done.complete:
         return  # a torchrun rank other than 0: rank 0 merges and reports
     if done.generated == 0 and done.resumed == num_samples:
         message = (
-            f"{out} holds this run complete: {num_samples} images in {done.paths['npz']} and "
-            f"{done.paths['grid']}"
+            f"{Path(out_dir)} holds this run complete: {num_samples} images in "
+            f"{done.paths['npz']} and {done.paths['grid']}"
         )
     else:
         message = f"wrote {num_samples} images to {done.paths['npz']} and {done.paths['grid']}"
@@ -343,43 +263,14 @@ def sample_cmd(
     click.echo(message)
 
 
-def _identity(spec) -> dict:
-    """What a model argument is, for the run record: a file's sha256 (an export directory's
-    manifest), else the preset name."""
-    from pathlib import Path
-
-    from . import runs
-    from .presets import PRESETS
-
-    path = Path(str(spec))
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return {"export": runs.file_sha256(path / "manifest.json")}
-    if path.is_file():
-        return {"sha256": runs.file_sha256(path)}
-    preset = PRESETS.get(str(spec))
-    if preset is not None and preset.weights:
-        from .demo import WEIGHTS_DIR
-
-        return {"preset": str(spec), "sha256": runs.file_sha256(WEIGHTS_DIR / preset.weights)}
-    return {"preset": str(spec), "weights": "random"}
-
-
-def _check_writable(out) -> None:
-    """Fail before any model is loaded where --out cannot take files (creating nothing)."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a directory")
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise InputError(f"--out {out}: {existing} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+def _runtime_option(runtime: str | None, backend: str | None) -> str | None:
+    """--runtime, or the deprecated --backend it replaces (for one release)."""
+    if backend is None:
+        return runtime
+    if runtime is not None and runtime != backend:
+        raise InputError(f"--runtime {runtime} and --backend {backend} disagree: give --runtime")
+    click.echo("warning: --backend is deprecated; use --runtime", err=True)
+    return backend
 
 
 @main.command(
@@ -451,7 +342,7 @@ Examples:
 )
 @click.option(
     "--dtype",
-    type=click.Choice(list(_DTYPES)),
+    type=click.Choice(_DTYPES),
     default="fp32",
     show_default=True,
     help="Torso precision of the graphs (GroupNorm statistics and softmax stay fp32; bf16 "
@@ -484,56 +375,23 @@ def export_cmd(
 ) -> None:
     """Export the UNet and the classifier-guidance gradient as deployable graphs, with
     schedule.json and manifest.json (sha256 of every file)."""
-    import torch
+    from . import jobs
 
-    from .export import export
-    from .pipeline import Pipeline
-    from .presets import DEMO_UNET, PRESETS
-
-    if model is None:
-        model = DEMO_UNET
-        classifier = classifier or PRESETS[DEMO_UNET].classifier
-    if classifier is not None and classifier.lower() == "none":
-        classifier = None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available here")
-    if target == "tensorrt":
-        from .export.tensorrt import require_tensorrt
-
-        require_tensorrt()  # refuse before loading anything
-    pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
-    diffusion = pipe.diffusion.respaced(steps)
-    clf = pipe.classifier
-    out = export(
-        pipe.model,
-        diffusion,
-        out_dir,
-        classifier=clf,
+    request = jobs.ExportRequest(
+        out=out_dir,
         target=target,
+        model=model,
+        classifier=classifier,
         dtype=dtype,
         max_batch=max_batch,
-        guidance_scale=scale,
-        model_source=_source_name(model),
-        classifier_source=_source_name(classifier) if clf is not None else None,
-        device=device if target == "aoti" else "cpu",
+        steps=steps,
+        scale=scale,
+        device=device,
         overwrite=overwrite,
-        log=lambda line: click.echo(line, err=True),
     )
+    out = jobs.export(request, log=lambda line: click.echo(line, err=True))
     files = json.loads((out / "manifest.json").read_text())["files"]
     click.echo(f"wrote {out}: " + ", ".join(sorted(files)) + ", manifest.json")
-
-
-def _source_name(spec: str) -> str:
-    """How the manifest names a network: a preset by name, a file by absolute path."""
-    import os
-
-    from .presets import PRESETS
-
-    if spec in PRESETS and not os.path.exists(spec):
-        return spec
-    return os.path.abspath(spec)
 
 
 @main.command("verify")

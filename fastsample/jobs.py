@@ -1,0 +1,317 @@
+"""What `fastsample sample` and `fastsample export` do, as plain functions over a request.
+
+The CLI parses its options into a `SampleRequest` or an `ExportRequest`, calls `sample()` or
+`export()`, and prints the result. Everything between (defaults, device and precision, the
+export-directory case, low-resolution inputs, torchrun's ranks, progress, the run directory) is
+here, so the same job can be run from Python with the same checks and the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from . import __version__, runs
+from .errors import InputError
+from .image_io import file_sha256
+from .presets import DEMO_UNET, PRESETS
+
+if TYPE_CHECKING:
+    import torch
+
+    from .pipeline import Kernels
+    from .sampler import SamplerName
+    from .sampling import Runtime
+
+DType = Literal["auto", "fp32", "fp16", "bf16"]
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One `fastsample sample` run; the fields are its options (see `fastsample sample -h`).
+
+    model None: the embedded demo model, guided by its classifier. runtime None: eager, or an
+    export directory's own runtime. dtype "auto": the README's precision on CUDA, fp32 on CPU.
+    """
+
+    model: str | None = None
+    classifier: str | None = None
+    scale: float | None = None
+    steps: str | None = None
+    sampler: SamplerName | None = None
+    eta: float = 0.0
+    num_samples: int = 64
+    batch_size: int = 16
+    classes: Sequence[int] | None = None
+    seed: int = 0
+    device: str | None = None
+    dtype: DType = "auto"
+    low_res: str | None = None  # .npz: arr_0 NHWC uint8 images, optional arr_1 labels
+    runtime: Runtime | None = None
+    kernels: Kernels = "auto"
+    out: str | os.PathLike = "samples"
+    overwrite: bool = False
+
+
+def sample(
+    request: SampleRequest,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> runs.RunResult:
+    """Generate request.num_samples images into request.out (see runs.py for the layout),
+    resuming a run with the same settings there. Bad input is refused before out is touched.
+
+    Under torchrun every rank calls this; the result's `complete` is True on rank 0 only."""
+    import torch
+
+    from .pipeline import Pipeline
+
+    r = request
+    for name, value in (("--num-samples", r.num_samples), ("--batch-size", r.batch_size)):
+        if value < 1:
+            raise InputError(f"{name} {value}: expected a positive integer")
+    if r.seed < 0:
+        raise InputError(f"--seed {r.seed}: expected a non-negative integer")
+    if r.dtype != "auto" and r.dtype not in TORCH_DTYPES:
+        raise InputError(f"--dtype {r.dtype!r}: expected auto, {', '.join(TORCH_DTYPES)}")
+    model, classifier = r.model, r.classifier
+    if model is None:
+        model, classifier = DEMO_UNET, classifier or PRESETS[DEMO_UNET].classifier
+    device = _device(r.device)
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        device = torch.device("cuda", runs.local_rank())  # one GPU per torchrun process
+        torch.cuda.set_device(device)
+    if r.dtype == "auto":
+        dtype = None if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, TORCH_DTYPES[r.dtype])
+    out = Path(r.out)
+    check_writable(out)
+    labels = list(r.classes) if r.classes is not None else None
+    low, labels = _load_low_res(r.low_res, labels)
+    if is_export_dir(model):
+        if classifier is not None:
+            raise InputError("--classifier: an export directory carries its own gradient graph")
+        if r.dtype != "auto":
+            raise InputError("--dtype: an export's precision is fixed when it is exported")
+        if r.kernels != "auto":
+            raise InputError("--kernels: an export directory runs its own graphs")
+        # --runtime eager (the default elsewhere) means the export's own runtime here.
+        runtime = None if r.runtime in (None, "eager") else r.runtime
+        pipe = Pipeline.from_export(model, runtime=runtime, device=str(device))  # (this rank's)
+        if r.scale is not None:
+            pipe.guidance_scale = r.scale
+    else:
+        pipe = Pipeline.from_pretrained(
+            model,
+            classifier,
+            device=device,
+            dtype=dtype,
+            guidance_scale=r.scale,
+            runtime=r.runtime or "eager",
+            kernels=r.kernels,
+        )
+    # Whatever generate() would refuse, refused now, before out is touched.
+    pipe.check(r.num_samples, r.batch_size, labels, None, r.sampler, r.steps, r.seed, low)
+    settings = {
+        "model": identity(model),
+        "classifier": identity(classifier) if classifier is not None else None,
+        "scale": pipe.guidance_scale,
+        "steps": r.steps,
+        "sampler": r.sampler,
+        "eta": r.eta,
+        "classes": labels,
+        "seed": r.seed,
+        "dtype": str(pipe.model.dtype if pipe.model is not None else "export"),
+        "device": device.type,
+        # (the record's key for the runtime since runs began: kept, so older runs resume)
+        "backend": pipe.runtime,
+        "low_res": identity(r.low_res) if r.low_res is not None else None,
+        "fastsample": __version__,
+    }
+    if r.kernels != "auto":
+        settings["kernels"] = r.kernels  # (absent for auto, as in runs made before the option)
+
+    bar = None
+    diffusion = pipe.diffusion if r.steps is None else pipe.diffusion.respaced(r.steps)
+
+    def start(samples: int) -> None:
+        nonlocal bar
+        if samples and progress and os.environ.get("RANK", "0") == "0":  # one bar per job
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=samples * diffusion.num_steps, desc="sampling", unit="step")
+
+    def generate(first: int, count: int):
+        result = pipe.generate(
+            count,
+            batch_size=count,
+            classes=labels,
+            sampler=r.sampler,
+            steps=r.steps,
+            eta=r.eta,
+            seed=r.seed,
+            progress=bar or False,
+            low_res=None if low is None else low[first : first + count],
+            first_index=first,
+        )
+        return result.images, result.labels
+
+    try:
+        return runs.run(
+            out,
+            settings,
+            r.num_samples,
+            r.batch_size,
+            generate,
+            overwrite=r.overwrite,
+            device_type=device.type,
+            log=log,
+            on_start=start,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One `fastsample export`; the fields are its options (see `fastsample export -h`).
+
+    model None: the demo model with its classifier; classifier "none": no gradient graph.
+    """
+
+    out: str | os.PathLike
+    target: Literal["onnx", "tensorrt", "aoti"] = "onnx"
+    model: str | None = None
+    classifier: str | None = None
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    max_batch: int = 64
+    steps: str = "ddim25"
+    scale: float | None = None
+    device: str | None = None  # aoti: where the packages will run
+    overwrite: bool = False
+
+
+def export(request: ExportRequest, *, log: Callable[[str], None] = print) -> Path:
+    """Export the UNet and the guidance gradient as graphs into request.out (returned)."""
+    import torch
+
+    from .export import export as export_graphs
+    from .pipeline import Pipeline
+
+    r = request
+    model, classifier = r.model, r.classifier
+    if model is None:
+        model = DEMO_UNET
+        classifier = classifier or PRESETS[DEMO_UNET].classifier
+    if classifier is not None and classifier.lower() == "none":
+        classifier = None
+    device = _device(r.device)
+    if r.target == "tensorrt":
+        from .export.tensorrt import require_tensorrt
+
+        require_tensorrt()  # refuse before loading anything
+    # Traced from the fp32 reference networks on the CPU; the graphs' dtype is the export's.
+    pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
+    clf = pipe.classifier
+    return export_graphs(
+        pipe.model,
+        pipe.diffusion.respaced(r.steps),
+        r.out,
+        classifier=clf,
+        target=r.target,
+        dtype=r.dtype,
+        max_batch=r.max_batch,
+        guidance_scale=r.scale,
+        model_source=source_name(model),
+        classifier_source=source_name(classifier) if clf is not None else None,
+        device=str(device) if r.target == "aoti" else "cpu",
+        overwrite=r.overwrite,
+        log=log,
+    )
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _device(name: str | None) -> torch.device:
+    """--device, default cuda where present; a CUDA device asked for where there is none is an
+    error, not a fallback."""
+    import torch
+
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here")
+    return device
+
+
+def is_export_dir(spec: str | os.PathLike) -> bool:
+    path = Path(spec)
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
+def _load_low_res(path: str | None, labels: list[int] | None):
+    """The upsampler's inputs (arr_0), and its labels (arr_1) where no classes were given."""
+    import numpy as np
+
+    if path is None:
+        return None, labels
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            low = data["arr_0"]
+            if labels is None and "arr_1" in data:
+                labels = data["arr_1"].tolist()
+    except (OSError, KeyError, ValueError) as e:
+        raise InputError(f"--low-res {path}: not an .npz with arr_0 images ({e})") from None
+    return low, labels
+
+
+def identity(spec: str | os.PathLike) -> dict:
+    """What a model argument is, for the run record: a file's sha256 (an export directory's
+    manifest), else the preset name."""
+    path = Path(str(spec))
+    if is_export_dir(path):
+        return {"export": file_sha256(path / "manifest.json")}
+    if path.is_file():
+        return {"sha256": file_sha256(path)}
+    preset = PRESETS.get(str(spec))
+    if preset is not None and preset.weights:
+        from .demo import WEIGHTS_DIR
+
+        return {"preset": str(spec), "sha256": file_sha256(WEIGHTS_DIR / preset.weights)}
+    return {"preset": str(spec), "weights": "random"}
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any model is loaded where out cannot take files (creating nothing)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a directory")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--out {out}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def source_name(spec: str) -> str:
+    """How an export's manifest names a network: a preset by name, a file by absolute path."""
+    if spec in PRESETS and not os.path.exists(spec):
+        return spec
+    return os.path.abspath(spec)

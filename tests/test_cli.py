@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 from conftest import load_manifest, manifest_stems
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fastsample.cli import main
 
@@ -172,3 +174,144 @@ def test_sample_help_has_examples():
     result = CliRunner().invoke(main, ["sample", "--help"])
     assert result.exit_code == 0
     assert "--steps ddim25 --scale 2.5" in result.output
+
+
+# --- every error the CLI reports is a FastsampleError ----------------------------------------
+
+# Each error and the builtin it replaced, so `except ValueError` (...) around fastsample calls
+# keeps working; RunError was a plain Exception.
+REPLACED_BUILTIN = {
+    "InputError": ValueError,
+    "InputTypeError": TypeError,
+    "CheckpointError": ValueError,
+    "NonFiniteError": RuntimeError,
+    "OutputExistsError": FileExistsError,
+    "MissingFileError": FileNotFoundError,
+    "ExportError": ValueError,
+    "IntegrityError": ValueError,
+    "BackendUnavailable": RuntimeError,
+    "RuntimeFailure": RuntimeError,
+    "RunError": Exception,
+}
+
+
+def test_every_error_is_a_fastsample_error_and_its_old_builtin():
+    from fastsample import FastsampleError, errors
+
+    classes = {
+        name: value
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, BaseException)
+    }
+    assert set(classes) - {"FastsampleError"} == set(REPLACED_BUILTIN), "add it to the table"
+    for name, builtin in REPLACED_BUILTIN.items():
+        assert issubclass(classes[name], FastsampleError) and issubclass(classes[name], builtin)
+    assert issubclass(classes["IntegrityError"], classes["ExportError"])
+
+
+def _reported(args, needle=None):
+    """The command failed on a FastsampleError: `_one_line_errors` catches that base only (any
+    other exception would leave exit code 1 and the exception), one line, exit code 2."""
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
+    assert "Traceback" not in result.output
+    if needle is not None:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("cli-bad")
+    (root / "a-file").write_text("not a directory")
+    (root / "not.npz").write_bytes(b"not a zip file")
+    np.savez(root / "no-images.npz", labels=np.zeros(3, dtype=np.int64))
+    (root / "export-like").mkdir()
+    (root / "export-like" / "manifest.json").write_text("{ not json")
+    (root / "full").mkdir()
+    (root / "full" / "something").write_text("x")
+    return root
+
+
+# args, a part of the message ({root}: the bad_files directory)
+COMMAND_CASES = [
+    (["info", "nope"], "unknown preset 'nope'"),
+    (["info", "--flags", "--image_size"], "has no value"),
+    (["info", "--flags", "image_size 64"], "expected '--name value'"),
+    (["info", "--flags", "--num_channels many"], "--num_channels 'many'"),
+    (["info", "--flags", "--image_size 100"], "has no default channel_mult"),
+    (["info", "--flags", "--attention_resolutions 32,x"], "comma-separated pixel sizes"),
+    (["info", "--flags", "--channel_mult 1,a"], "comma-separated integers"),
+    (["info", "--flags", "--num_channels 0"], "model_channels=0"),
+    (["info", "--flags", "--num_head_channels 48"], "does not divide"),
+    (["info", "--flags", "--image_size 'unclosed"], "--image_size 'unclosed"),
+    (["info", "--network", "superres", "--flags", "--large_size 128"], "large_size=128"),
+    (["sample", "--seed", "-1"], "--seed -1"),
+    (["sample", "--batch-size", "0"], "--batch-size 0"),
+    (["sample", "--classes", ""], "--classes ''"),
+    (["sample", "--device", "gpu"], "--device 'gpu'"),
+    (["sample", "--out", "{root}/a-file"], "not a directory"),
+    (["sample", "--low-res", "{root}/not.npz"], "--low-res"),
+    (["sample", "--low-res", "{root}/no-images.npz"], "arr_0"),
+    (["sample", "--low-res", "{root}/missing.npz"], "--low-res"),
+    (["sample", "--model", "{root}/export-like"], "not valid JSON"),
+    (["sample", "--model", "{root}/export-like", "--classifier", "x"], "--classifier"),
+    (["sample", "--model", "{root}/a-file"], None),
+    (["sample", "--runtime", "aoti", "--backend", "eager"], "--runtime aoti and --backend"),
+    (["sample", "--steps", "ddim7x"], "respacing 'ddim7x'"),
+    (["sample", "--steps", "5000"], "cannot take 5000 steps"),
+    (["sample", "--sampler", "ddim", "--eta", "-1"], None),
+    (["eval", "{root}/missing.npz"], "no such file"),
+    (["eval", "{root}/not.npz", "--ref", "{root}/missing.npz"], "no such file"),
+    (["eval", "{root}/not.npz"], None),
+    (["export", "--out", "{root}/full"], "not empty"),
+    (["export", "--out", "{root}/a-file"], "not a directory"),
+    (["export", "--device", "gpu", "--out", "{root}/new"], "--device 'gpu'"),
+    (["export", "--model", "nope", "--out", "{root}/new"], "neither an existing checkpoint"),
+    (["export", "--max-batch", "0", "--out", "{root}/new"], "max_batch=0"),
+    (["verify", "{root}/full"], "no manifest.json"),
+    (["verify", "{root}/export-like"], "not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("args, needle", COMMAND_CASES, ids=[" ".join(c[0]) for c in COMMAND_CASES])
+def test_every_command_reports_bad_input_as_one_line(bad_files, tmp_path, args, needle):
+    args = [a.format(root=bad_files) for a in args]
+    if args[0] == "sample":  # small runs, in tmp_path (the case's own options come last)
+        quick = ["--out", str(tmp_path / "out"), "--quiet", "--num-samples", "2", "--steps", "2"]
+        args = ["sample", *quick, *args[1:]]
+    _reported(args, needle)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(["--image_size", "--num_channels", "--attention_resolutions",
+                         "--channel_mult", "--learn_sigma", "--num_head_channels", "--nope"])
+        | st.text(alphabet="0123456789,-.x'\" ", max_size=6),
+        max_size=6,
+    )
+)  # fmt: skip
+def test_any_flag_line_is_described_or_refused_in_one_line(tokens):
+    result = CliRunner().invoke(main, ["info", "--flags", " ".join(tokens)])
+    if result.exit_code == 0:
+        assert "parameters" in result.output
+        return
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.exception
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+
+
+def test_backend_is_a_deprecated_spelling_of_runtime(tmp_path):
+    # (only the option handling: the out directory under a file stops the run before any model)
+    (tmp_path / "f").write_text("")
+    args = ["sample", "--backend", "eager", "--out", str(tmp_path / "f" / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.stderr.splitlines()[0] == "warning: --backend is deprecated; use --runtime"
+    assert result.exit_code == 2 and "is a file, not a directory" in result.stderr
+    same = CliRunner().invoke(main, [*args, "--runtime", "eager"])
+    assert same.stderr == result.stderr
+    assert "--backend" not in CliRunner().invoke(main, ["sample", "--help"]).output

@@ -257,3 +257,21 @@ def test_damaged_record_and_stale_temporaries(tmp_path):
     assert not list(out.rglob("*.tmp"))
     with np.load(out / "samples.npz") as data:
         assert data["arr_1"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_sample_job_from_python_records_the_settings_that_decide_the_images(tmp_path):
+    import dataclasses
+
+    from fastsample import jobs
+
+    request = jobs.SampleRequest(num_samples=3, batch_size=2, steps="2", device="cpu",
+                                 out=tmp_path / "a", kernels="torch")  # fmt: skip
+    done = jobs.sample(request, progress=False, log=lambda line: None)
+    assert done.complete and done.generated == 3 and done.resumed == 0
+    settings = json.loads((tmp_path / "a" / runs.RUN_FILE).read_text())["settings"]
+    assert settings["kernels"] == "torch" and settings["backend"] == "eager"
+    assert settings["model"] == jobs.identity("demo-mnist") and settings["seed"] == 0
+    # "auto" leaves the record as runs made before the option wrote it, so they resume
+    auto = dataclasses.replace(request, out=tmp_path / "b", kernels="auto")
+    jobs.sample(auto, progress=False, log=lambda line: None)
+    assert "kernels" not in json.loads((tmp_path / "b" / runs.RUN_FILE).read_text())["settings"]

@@ -38,14 +38,14 @@ from fastsample.presets import PRESETS
 from fastsample.unet import AttentionBlock
 
 
-def _random(preset: str, seed: int, device, dtype=None, backend="torch"):
+def _random(preset: str, seed: int, device, dtype=None, kernels="torch"):
     """A preset with random weights (drawn on the device), its torso in dtype (None: the
     README's precision on CUDA, float32 on the CPU, where there are no fast fp16 convolutions)."""
     device = torch.device(device)
-    net = fastsample.create_model(preset, device=device, dtype=torch.float32, backend="torch")
+    net = fastsample.create_model(preset, device=device, dtype=torch.float32, kernels="torch")
     randomize(net, seed)
     net.set_precision(dtype or readme_dtype(preset, device))
-    return net.set_backend(backend).eval()
+    return net.set_kernels(kernels).eval()
 
 
 def readme_dtype(preset: str, device: torch.device) -> torch.dtype:
@@ -141,8 +141,8 @@ def _make_run(path, preset_name, clf_name, device, diffusion, shape, y, noise, s
     if path == "fastsample" and device.type == "cuda":
         from fastsample.engine import FastEngine
 
-        model = _random(preset_name, 0, device, dtype, backend="auto")
-        clf = _random(clf_name, 1, device, dtype, backend="auto") if clf_name else None
+        model = _random(preset_name, 0, device, dtype, kernels="auto")
+        clf = _random(clf_name, 1, device, dtype, kernels="auto") if clf_name else None
         engine = FastEngine(model, clf)
         y_model = y if model.config.num_classes is not None else None
 
@@ -155,10 +155,10 @@ def _make_run(path, preset_name, clf_name, device, diffusion, shape, y, noise, s
         run.weight_bytes = _weight_bytes(model, clf)
         return run
     # The reference's arithmetic and guidance, or on the CPU the default path that
-    # fastsample.sample and the CLI use (load_model's backend).
-    backend = "torch" if path == "reference" else "auto"
-    model = _random(preset_name, 0, device, dtype, backend=backend)
-    clf = _random(clf_name, 1, device, dtype, backend=backend) if clf_name else None
+    # fastsample.sample and the CLI use (load_model's kernels).
+    kernels = "torch" if path == "reference" else "auto"
+    model = _random(preset_name, 0, device, dtype, kernels=kernels)
+    clf = _random(clf_name, 1, device, dtype, kernels=kernels) if clf_name else None
     if clf is not None and path == "reference":
         clf = reference_style(clf)
 

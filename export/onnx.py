@@ -34,7 +34,7 @@ def require_onnxruntime():
         import onnxruntime
     except ImportError as e:
         raise BackendUnavailable(
-            "the onnxruntime backend needs ONNX Runtime: pip install 'fastsample[onnx]' "
+            "the onnxruntime runtime needs ONNX Runtime: pip install 'fastsample[onnx]' "
             "(or 'fastsample[onnx-gpu]' for CUDA)"
         ) from e
     return onnxruntime

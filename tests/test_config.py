@@ -27,7 +27,7 @@ ORDER = {"QKVAttentionLegacy": "legacy", "QKVAttention": "new"}
 
 
 def test_every_manifest_has_a_preset_and_back():
-    assert len(STEMS) == 15, "expected the 15 released checkpoint manifests in ../shared"
+    assert len(STEMS) == 15, "expected the 15 released checkpoint manifests (tests/data)"
     assert sorted(RELEASED) == STEMS
     assert set(fastsample.presets) - set(RELEASED) == {"demo-mnist", "demo-mnist-classifier"}
 

@@ -7,19 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN_DIR, SHARED, golden_labels, rel_err
+from conftest import GOLDEN_DIR, SCHEDULES, golden_labels, rel_err, replay_reference_rng
 
 from fastsample import Classifier, Diffusion, UNet, sample, to_uint8
 from fastsample import sampler as samplers
 from fastsample.schedule import cosine_betas, linear_betas, space_timesteps
 
-SCHEDULES = SHARED / "reference_data" / "diffusion_schedules.json"
-
 
 @pytest.fixture(scope="module")
 def schedules():
     if not SCHEDULES.is_file():
-        pytest.skip(f"reference schedules not found at {SCHEDULES}")
+        pytest.fail(f"reference schedules not found at {SCHEDULES}")
     return json.loads(SCHEDULES.read_text())
 
 
@@ -91,19 +89,6 @@ def _golden_networks(golden):
     return model.eval(), classifier.eval().requires_grad_(False)  # guidance needs no param grads
 
 
-def _replay_noise(rng_calls, seed=0):
-    """Draw, from torch.manual_seed(seed), exactly the reference's RNG calls; return the labels
-    and the noise tensor [steps + 1, ...] (x_T first)."""
-    torch.manual_seed(seed)
-    labels, draws = None, []
-    for name, shape in rng_calls:
-        if name == "randint":
-            labels = torch.randint(0, 10, shape)
-        else:
-            draws.append(torch.randn(shape))
-    return labels, torch.stack(draws)
-
-
 def _check_uint8(ours, golden_uint8, x):
     """Equal, except where a value sits on a truncation boundary of (x + 1) * 127.5."""
     mismatch = ours != golden_uint8
@@ -144,10 +129,10 @@ def test_trajectory_matches_reference(golden, one_thread, run, noise_from):
         # Exactly the reference's RNG calls were made: the generator is where replaying them
         # leaves it.
         state = torch.get_rng_state()
-        _replay_noise(spec["rng_calls"])
+        replay_reference_rng(spec["rng_calls"])
         assert torch.equal(state, torch.get_rng_state())
     else:
-        y, noise = _replay_noise(spec["rng_calls"])
+        y, noise = replay_reference_rng(spec["rng_calls"])
         out = sample(model, diffusion, shape, y=y, noise=noise, **kwargs)
     assert torch.equal(y, g[f"samp_{run}_labels"])
     assert seen["model"] == spec["model_timesteps_seen"]

@@ -28,6 +28,13 @@ TABLES = (
     "sqrt_recip_ac", "sqrt_recipm1_ac", "sqrt_one_minus_ac", "sqrt_ac_prev", "dir_coef", "sigma",
     "coef1", "coef2", "max_log", "min_log", "fixed_log_var", "ratio", "lin", "cur", "prev",
 )  # fmt: skip
+# What each branch reads (besides the eps <-> x0 conversions every branch reads).
+READS = {
+    "ddim": ("sqrt_one_minus_ac", "sqrt_ac_prev", "dir_coef", "sigma"),
+    "ddpm": ("coef1", "coef2", "max_log", "min_log", "fixed_log_var"),
+    "dpm++2m": ("sqrt_one_minus_ac", "ratio", "lin", "cur", "prev"),
+}
+COMMON = ("sqrt_recip_ac", "sqrt_recipm1_ac")
 
 
 @triton.jit
@@ -121,6 +128,9 @@ def sampler_step(
     x0 (zeros before the first step); the kernel reads it and writes this step's x0 into it."""
     if solver not in SOLVER_IDS:
         raise ValueError(f"solver {solver!r}: expected one of {', '.join(SOLVER_IDS)}")
+    missing = [name for name in (*COMMON, *READS[solver]) if name not in tables]
+    if missing:
+        raise ValueError(f"{solver}: the tables lack {', '.join(missing)}")
     if solver == "dpm++2m" and (history is None or history.shape != x.shape):
         raise ValueError("dpm++2m needs its history buffer (float32, shaped like x)")
     if solver == "ddpm" and z is None:

@@ -1,0 +1,80 @@
+"""The fast engine with its fused update kernel (interpreted on the CPU, compiled and captured in
+CUDA graphs on a GPU) against the reference implementation's guided sampling runs, step by step.
+The networks run on the torch kernels here (their Triton kernels: test_networks.py)."""
+
+import pytest
+import torch
+from conftest import KERNEL_DEVICE, rel_err, replay_reference_rng
+
+from fastsample import Classifier, Diffusion, UNet, sample
+from fastsample.engine import FastEngine, kernel_available
+
+pytestmark = pytest.mark.usefixtures("triton_kernels", "no_fma_contraction")
+
+GUIDED_RUNS = [
+    "p_sample_linear_5_guided",
+    "p_sample_cosine_5_guided",
+    "ddim_linear_ddim5_eta0_guided",
+    "ddim_cosine_4_eta0.5_guided",
+]
+# Step-by-step tolerances, relative to each step's scale. On the CPU (one thread, as the golden
+# runs were made) the eager loop equals the reference exactly; the engine differs by the fused
+# update's rounding and by its classifier pooling over the first query only (the same maths, a
+# few ulps apart), which x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) amplifies: measured 1.4e-5
+# at most, except in the guided cosine DDIM run, whose first step (t = 999, the smallest abar)
+# takes the classifier gradient into x0 (measured 2.4e-4). On a GPU cuDNN's convolutions sum in
+# another order than the CPU's (~1e-6 of the network output), amplified the same way.
+TOL = {"cpu": 3e-5, "cuda": 3e-4}[KERNEL_DEVICE]
+TOL_COSINE_DDIM = {"cpu": 5e-4, "cuda": 3e-3}[KERNEL_DEVICE]
+
+
+@pytest.fixture
+def engine(golden):
+    config, g = golden
+    unet = UNet(**config["unet_a"])
+    unet.load_state_dict(g["unet_a_state_dict"])
+    clf = Classifier(**config["classifier"])
+    clf.load_state_dict(g["classifier_state_dict"])
+    unet = unet.to(KERNEL_DEVICE).set_kernels("torch")
+    clf = clf.to(KERNEL_DEVICE).set_kernels("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield FastEngine(unet, clf)
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("run", GUIDED_RUNS)
+def test_engine_matches_reference_trajectory(golden, engine, run):
+    config, g = golden
+    spec = config["sampling_runs"][run]
+    assert kernel_available(KERNEL_DEVICE)  # the fused update runs, not the eager fallback
+    d = Diffusion(noise_schedule=spec["noise_schedule"],
+                  timestep_respacing=spec["timestep_respacing"])  # fmt: skip
+    y, noise = replay_reference_rng(spec["rng_calls"])
+    y, noise = y.to(KERNEL_DEVICE), noise.to(KERNEL_DEVICE)
+    steps = []
+    engine.sample(
+        {"p": "ddpm", "ddim": "ddim"}[spec["kind"]], d, lambda k: noise[k], y=y, model_y=y,
+        eta=spec["eta"], guidance_scale=config["cond_fn_scale"],
+        callback=lambda k, x, x0: steps.append((x.clone(), x0.clone())),
+    )  # fmt: skip
+    samples, pred_xstart = g[f"samp_{run}_samples"], g[f"samp_{run}_pred_xstart"]
+    assert len(steps) == len(samples) == d.num_steps
+    tol = TOL_COSINE_DDIM if run == "ddim_cosine_4_eta0.5_guided" else TOL
+    for k, (x, x0) in enumerate(steps):
+        assert rel_err(x, samples[k]) <= tol, ("x", k)
+        assert rel_err(x0, pred_xstart[k]) <= tol, ("x0", k)
+
+
+def test_engine_dpmpp_2m_matches_eager_sampler(golden, engine):
+    """DPM-Solver++(2M) is not among the reference's runs: the eager solver is the reference."""
+    config, g = golden
+    d = Diffusion(timestep_respacing="ddim3")
+    y = torch.tensor([2, 8]).to(KERNEL_DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(d.num_steps + 1, 2, 3, 16, 16, generator=gen).to(KERNEL_DEVICE)
+    unet, clf = engine.model, engine.classifier  # the engine's prepared copies, same weights
+    want = sample(unet, d, (2, 3, 16, 16), y=y, sampler="dpm++2m", classifier=clf,
+                  guidance_scale=1.5, noise=noise)  # fmt: skip
+    got = engine.sample("dpm++2m", d, lambda k: noise[k], y=y, model_y=y, guidance_scale=1.5)
+    assert rel_err(got, want) < TOL

@@ -1,6 +1,6 @@
 """One call on a lent GPU measures everything fastsample has built (`bash bench/gpu_check.sh`).
 
-    bash bench/gpu_check.sh --prepare     # here, before the device run: golden data + commit
+    bash bench/gpu_check.sh --prepare     # here, before the device run: records the commit
     run(command="bash bench/gpu_check.sh", carry=[".gpu_data"], timeout_s=590)   # the device
     bash bench/gpu_check.sh --stages kernel_checks,engine_gpu --budget 200        # a rerun
     bash bench/gpu_check.sh --rehearse    # here: the device run's set-up in a bare copy
@@ -10,8 +10,9 @@ fastsample, no network, Python output block-buffered unless told otherwise, and 
 back from $OUT. So this script (standard library only, it runs before fastsample imports):
 
 - installs the project offline (`pip install --no-index --no-build-isolation --no-deps -e .`;
-  where that fails, a symlinked package tree on PYTHONPATH) and points FASTSAMPLE_GOLDEN_DIR at
-  the golden data that `--prepare` copied into the carried `.gpu_data/`;
+  where that fails, a symlinked package tree on PYTHONPATH); the tests read the golden data from
+  tests/data (tracked), and the commit comes from the carried `.gpu_data/commit.txt` that
+  `--prepare` writes (the copy has no git history);
 - runs the stages in order of importance, each in its own process group under its own limit and
   under one wall-clock budget (540 s): the headline (`bench.sample`, guided ADM-256 at the
   README's fp16, reference-style eager vs the fast engine, batch 1 and 16) first, then the
@@ -48,7 +49,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ".gpu_data"  # git-ignored; --prepare fills it, the device run gets it through `carry`
+DATA = ".gpu_data"  # git-ignored; --prepare records the commit there, `carry` takes it along
+GOLDEN = ROOT / "tests" / "data" / "golden_tiny"  # tracked; FASTSAMPLE_GOLDEN_DIR overrides
 BUDGET_S = 540  # 9 minutes of the 10-minute command limit; the device lease is 15 minutes
 MAX_OUT_FILES = 8  # what the device tool returns from $OUT
 OUT_FILES = ("summary.txt", "RESULTS_append.md", "gpu_check_logs.tar.gz")
@@ -98,7 +100,7 @@ def _has_doctor() -> bool:
     return cli.is_file() and "def doctor" in cli.read_text()
 
 
-CHECKS = ("-o", "norecursedirs=.*", "-o", "python_files=check_*.py", "tests/interpreted")
+KERNEL_TESTS = ("tests/kernels",)  # compiled on a GPU (tests/conftest.py: no interpreter there)
 SAMPLE_ARGS = ["--presets", "256x256_diffusion", "--batch", "1", "16", "--steps", "ddim25",
                "--repeats", "3"]  # fmt: skip
 KERNEL_ARGS = ["--batch", "16", "--dtype", "fp16"]
@@ -140,8 +142,9 @@ def plan(scratch: Path) -> list[Stage]:
                      "shapes", "bench.kernels",
                      [*KERNEL_ARGS, "--json", str(logs / "bench_kernels.json"), "--markdown", md]),
         _pytest_stage("kernel_checks", 110,
-                      "the kernel checks compiled for this GPU (GroupNorm, attention, fused "
-                      "update, whole tiny networks vs golden data, engine)", 8, CHECKS, logs),
+                      "tests/kernels compiled for this GPU (GroupNorm, attention, fused update, "
+                      "whole tiny networks and the fast engine vs golden data)", 8, KERNEL_TESTS,
+                      logs),
         _pytest_stage("engine_gpu", 50,
                       "CUDA graphs and streams of the fast engine vs the eager loops", 4,
                       ("-m", "gpu", "tests/test_engine.py"), logs),
@@ -252,13 +255,9 @@ class Check:
         return self.budget - (time.monotonic() - self.start) - RESERVE_S
 
     def _golden(self) -> str:
-        where = os.environ.get("FASTSAMPLE_GOLDEN_DIR")
-        for candidate in (where, ROOT / "tests" / "data" / "golden_tiny",
-                          ROOT / DATA / "golden_tiny"):  # fmt: skip
-            if candidate and (Path(candidate) / "config.json").is_file():
-                self.env["FASTSAMPLE_GOLDEN_DIR"] = str(candidate)
-                return str(candidate)
-        return ""
+        """Where the tests will read the golden data ("" if it is missing)."""
+        where = Path(os.environ.get("FASTSAMPLE_GOLDEN_DIR") or GOLDEN)
+        return str(where) if (where / "config.json").is_file() else ""
 
     # -- install and machine facts ---------------------------------------------------------
 
@@ -400,7 +399,7 @@ class Check:
             f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
             f"budget {self.budget:.0f} s, used {used:.0f} s; planned (required stages) "
             f"{planned_seconds(plan(self.scratch))} s",
-            f"golden data: {self.golden or 'MISSING (run bash bench/gpu_check.sh --prepare)'}",
+            f"golden data: {self.golden or f'MISSING (expected in {GOLDEN})'}",
             f"install: {self.install_note or 'not run'}",
             *(f"machine: {ln}" for ln in self.machine),
             "",
@@ -496,7 +495,7 @@ def device_run(out: Path, budget: float, wanted: set[str] | None, rehearsal: boo
             )
             check.run_stage(Stage("golden", 30, [],
                                   "the golden data loads where the checks look for it",
-                                  rehearse=_py("-c", _GOLDEN_PROBE)))  # fmt: skip
+                                  rehearse=_py("-c", _GOLDEN_PROBE, check.golden)))  # fmt: skip
         for stage in stages:
             check.run_stage(stage)
     else:
@@ -509,8 +508,8 @@ def device_run(out: Path, budget: float, wanted: set[str] | None, rehearsal: boo
 
 
 _GOLDEN_PROBE = (
-    "import os, json, torch, pathlib\n"
-    "d = pathlib.Path(os.environ['FASTSAMPLE_GOLDEN_DIR'])\n"
+    "import sys, json, torch, pathlib\n"
+    "d = pathlib.Path(sys.argv[1])\n"
     "json.loads((d / 'config.json').read_text())\n"
     "g = torch.load(d / 'golden.pt', weights_only=True)\n"
     "assert 'unet_a_state_dict' in g, sorted(g)\n"
@@ -549,8 +548,8 @@ def import_everything() -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--prepare", action="store_true", help="copy golden data and the commit "
-                      f"into {DATA}/ (here, before the device run)")  # fmt: skip
+    mode.add_argument("--prepare", action="store_true", help=f"record the commit in {DATA}/ "
+                      "(here, before the device run)")  # fmt: skip
     mode.add_argument("--rehearse", action="store_true", help="rehearse the device run here")
     mode.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     mode.add_argument("--imports", action="store_true", help=argparse.SUPPRESS)

@@ -1,4 +1,4 @@
-"""Before a GPU run, here: `--prepare` fills the carried `.gpu_data/` (golden data, commit), and
+"""Before a GPU run, here: `--prepare` records the commit in the carried `.gpu_data/`, and
 `--rehearse` runs the device run's set-up without a GPU (bench/gpu_check.py says what and why).
 """
 
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gpu_check import DATA, MAX_OUT_FILES, OUT_FILES, ROOT, _git_commit
+from bench.gpu_check import DATA, GOLDEN, MAX_OUT_FILES, OUT_FILES, ROOT, _git_commit
 
 # The packages of the GPU image that fastsample's stages use (the rehearsal's venv holds these).
 GPU_IMAGE_PACKAGES = (
@@ -23,36 +23,19 @@ GPU_IMAGE_PACKAGES = (
 )  # fmt: skip
 
 
-def _shared_golden() -> Path | None:
-    for candidate in (
-        os.environ.get("FASTSAMPLE_GOLDEN_DIR"),
-        ROOT / "tests" / "data" / "golden_tiny",
-        Path(os.environ.get("FASTSAMPLE_SHARED_DIR", ROOT.parent / "shared"))
-        / "reference_data" / "golden_tiny",
-    ):  # fmt: skip
-        if candidate and (Path(candidate) / "config.json").is_file():
-            return Path(candidate)
-    return None
-
-
 def prepare(tree: Path = ROOT, source: Path = ROOT) -> int:
-    """Fill tree/.gpu_data with the golden data and the commit (source's), for `carry`."""
-    golden = _shared_golden()
-    if golden is None:
-        print("gpu_check --prepare: golden_tiny not found (../shared/reference_data, or set "
-              "FASTSAMPLE_GOLDEN_DIR)", file=sys.stderr)  # fmt: skip
+    """Record source's commit in tree/.gpu_data/commit.txt, for `carry` (the device copy has no
+    git history; the golden data travels with the tree, in tests/data)."""
+    if not (tree / GOLDEN.relative_to(ROOT) / "config.json").is_file():
+        print(f"gpu_check --prepare: {GOLDEN.relative_to(ROOT)} is missing from {tree}",
+              file=sys.stderr)  # fmt: skip
         return 2
     data = tree / DATA
-    if (data / "golden_tiny").exists():
-        shutil.rmtree(data / "golden_tiny")
     data.mkdir(exist_ok=True)
-    shutil.copytree(golden, data / "golden_tiny")
-    for f in (data / "golden_tiny").iterdir():
-        f.chmod(0o644)
-    (data / "commit.txt").write_text((_git_commit(source) or "unknown") + "\n")
-    size = sum(f.stat().st_size for f in data.rglob("*") if f.is_file())
+    commit = _git_commit(source) or "unknown"
+    (data / "commit.txt").write_text(commit + "\n")
     print(
-        f"prepared {data} ({size / 2**20:.1f} MiB, commit {_git_commit(source)}); now:\n"
+        f"prepared {data} (commit {commit}); now:\n"
         f'  run(command="bash bench/gpu_check.sh", carry=["{DATA}"], timeout_s=590)'
     )
     return 0

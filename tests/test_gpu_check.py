@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_check, gpu_rehearse
+from bench import gpu_check
 from bench.gpu_check import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +27,17 @@ def test_plan_fits_the_budget_with_headline_first():
     assert [s.name for s in stages if not s.required] == ["export_gpu"]  # exports last, optional
     sample = next(s for s in stages if s.name == "bench_sample")
     assert "256x256_diffusion" in sample.argv and "16" in sample.argv
+
+
+def test_kernel_checks_stage_runs_tests_kernels_in_parallel():
+    stage = next(s for s in gpu_check.plan(Path("/scratch")) if s.name == "kernel_checks")
+    assert stage.argv[-1] == "tests/kernels" and stage.rehearse[-1] == "tests/kernels"
+    assert stage.argv[stage.argv.index("-n") + 1] == "8" and stage.junit
+    assert sorted(p.name for p in (ROOT / "tests" / "kernels").glob("test_*.py")) == [
+        "test_attention.py", "test_fast_engine.py", "test_group_norm.py", "test_networks.py",
+        "test_sampler_step.py",
+    ]  # fmt: skip
+    assert (gpu_check.GOLDEN / "golden.pt").is_file()  # tracked: no copy is carried
 
 
 def test_bench_stage_arguments_parse():
@@ -162,8 +173,6 @@ def test_rehearsal_of_the_device_run():
     """The device run's set-up in a bare copy and a fresh venv: offline install, every module
     imported, every GPU test collected, bench arguments parsed, golden data loaded, the plan
     within the budget, three files in $OUT."""
-    if gpu_rehearse._shared_golden() is None:
-        pytest.skip("golden_tiny not found (../shared/reference_data or FASTSAMPLE_GOLDEN_DIR)")
     run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--rehearse"],
                          capture_output=True, text=True, timeout=1500)  # fmt: skip
     print(run.stdout[-4000:])

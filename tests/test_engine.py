@@ -1,13 +1,14 @@
-"""The fast engine: same samples as the eager path for the same seeds (CPU fallback here; the
-fused loop under the interpreter in tests/interpreted/check_engine.py; CUDA graphs and streams
-in the GPU-marked tests, which bench/gpu_check.sh runs)."""
+"""The fast engine: same samples as the eager path for the same seeds. Its fused update kernel
+runs interpreted on the CPU (the triton_kernels fixture) and compiled on a GPU; against the
+reference's trajectories in tests/kernels/test_fast_engine.py; CUDA graphs and streams in the
+GPU-marked tests, which bench/gpu_check.sh runs."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import rel_err
+from conftest import KERNEL_DEVICE, rel_err
 
 from fastsample import Pipeline, sample
 from fastsample.checkpoint import load_model
@@ -22,15 +23,27 @@ def _demo(device="cpu"):
     return model, clf, PRESETS[DEMO_UNET].diffusion.respaced("ddim8")
 
 
-def test_pipeline_fast_engine_matches_eager_on_cpu():
-    model, clf, d = _demo()
+def test_pipeline_fast_engine_matches_eager(triton_kernels, monkeypatch):
+    import fastsample.kernels.sampler_step as fused
+
+    launches = []
+    kernel = fused.sampler_step
+
+    def counted(*args, **kwargs):
+        launches.append(args[0])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "sampler_step", counted)
+    model, clf, d = _demo(KERNEL_DEVICE)
     kwargs = dict(batch_size=3, classes=[1, 7], sampler="ddim", seed=3, progress=False)
     eager = Pipeline(model, d, clf, guidance_scale=2.0, engine="eager").generate(4, **kwargs)
-    model2, clf2, _ = _demo()
+    assert launches == []
+    model2, clf2, _ = _demo(KERNEL_DEVICE)
     model2.requires_grad_(True)
     fast_pipe = Pipeline(model2, d, clf2, guidance_scale=2.0, engine="fast")
     fast = fast_pipe.generate(4, **kwargs)
     assert fast_pipe.engine == "fast"
+    assert launches  # the fused update ran, not the eager one
     # The engine's own copy of the classifier pools with its first query only; the caller's
     # networks are left as they were (full pool, parameters still trainable).
     pools = [m for m in fast_pipe._engine.classifier.modules() if isinstance(m, AttentionPool2d)]

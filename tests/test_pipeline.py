@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastsample import Pipeline, SuperResUNet, UNet, sample_seed
+from fastsample import Pipeline, SuperResUNet, UNet
 from fastsample.schedule import Diffusion
 
 
@@ -37,11 +37,24 @@ def test_images_depend_only_on_seed_and_index(pipe):
     assert not np.array_equal(other.images, whole.images)
 
 
-def test_labels_drawn_from_seeds_and_classes_used_in_turn(pipe):
-    drawn = pipe.generate(4, seed=1, progress=False, steps="ddim2").labels
-    expected = [np.random.default_rng(sample_seed(1, i, stream=1)).integers(10) for i in range(4)]
-    assert drawn.tolist() == expected
+def test_drawn_labels_are_seeded_uniform_and_independent_of_batching(pipe):
+    many = pipe.generate(120, batch_size=120, seed=1, progress=False, steps="ddim2").labels
+    assert many.dtype == np.int64 and many.min() >= 0 and many.max() <= 9
+    # Uniform over the 10 classes: 12 expected per class, binomial spread ~3.3.
+    counts = np.bincount(many, minlength=10)
+    assert counts.min() >= 3 and counts.max() <= 25, counts
+    again = pipe.generate(7, batch_size=3, seed=1, progress=False, steps="ddim2").labels
+    assert np.array_equal(again, many[:7])  # determined by seed and index alone
+    shard = pipe.generate(5, seed=1, first_index=100, progress=False, steps="ddim2").labels
+    assert np.array_equal(shard, many[100:105])
+    other = pipe.generate(120, batch_size=120, seed=2, progress=False, steps="ddim2").labels
+    assert (other != many).mean() > 0.75  # another seed, another draw (10% agree by chance)
+
+
+def test_classes_are_used_in_turn_and_checked(pipe):
     assert pipe.generate(3, classes=8, progress=False, steps="ddim2").labels.tolist() == [8, 8, 8]
+    used = pipe.generate(5, classes=[4, 0, 9], progress=False, steps="ddim2").labels
+    assert used.tolist() == [4, 0, 9, 4, 0]
     with pytest.raises(ValueError, match=r"class labels \[10\] out of range"):
         pipe.generate(2, classes=[1, 10], progress=False)
     with pytest.raises(ValueError, match="respacing 'x'"):

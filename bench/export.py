@@ -120,7 +120,6 @@ def main() -> None:
             for runtime in args.runtimes:
                 if runtime == "eager":
                     from fastsample.export.graphs import unet_graph
-
                     from fastsample.netfns import guidance_fn
 
                     dev = device

@@ -73,9 +73,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _group_norm_rows(b, dtype, size, bandwidth, gen) -> list[dict]:
-    from fastsample.kernels.group_norm import group_norm_reference, supports
-
     from fastsample import ops
+    from fastsample.kernels.group_norm import group_norm_reference, supports
 
     compiled_ref = None
     if DEVICE == "cuda":

@@ -7,10 +7,10 @@ import pickle
 
 import pytest
 import torch
-from conftest import golden_labels, load_manifest, manifest_stems
 from safetensors.torch import save_file
 
 import fastsample
+from conftest import golden_labels, load_manifest, manifest_stems
 from fastsample import CheckpointError, Classifier, SuperResUNet, UNet, load_model, save_checkpoint
 from fastsample.checkpoint import detect_presets
 

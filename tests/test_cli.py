@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import load_manifest, manifest_stems
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import load_manifest, manifest_stems
 from fastsample.cli import main
 
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import load_manifest, manifest_stems
 
 import fastsample
+from conftest import load_manifest, manifest_stems
 from fastsample import Classifier, SuperResUNet, UNet, create_model
 from fastsample.config import (
     CLASSIFIER_SAMPLE_FLAGS,

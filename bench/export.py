@@ -27,8 +27,8 @@ import torch
 
 import fastsample
 from bench.common import commit, median_seconds, randomize
+from fastsample.catalog import PRESETS
 from fastsample.pipeline import _load_network
-from fastsample.presets import PRESETS
 
 
 def _network(spec: str, role: str, seed: int) -> torch.nn.Module:

@@ -523,10 +523,9 @@ def import_everything() -> int:
     import importlib
     import pkgutil
 
+    import fastsample
     import fastsample.export
     import fastsample.kernels
-
-    import fastsample
 
     names = []
     for package in (fastsample, fastsample.kernels, fastsample.export):

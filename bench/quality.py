@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from fastsample import Pipeline
+from fastsample.catalog import DEMO_UNET, PRESETS
 from fastsample.demo import WEIGHTS_DIR
 from fastsample.evaluate import evaluate
-from fastsample.presets import DEMO_UNET, PRESETS
 
 SCALES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0)
 STEPS = (10, 15, 20, 25)

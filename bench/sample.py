@@ -34,7 +34,7 @@ import torch
 
 import fastsample
 from bench.common import commit, randomize, report, sync
-from fastsample.presets import PRESETS
+from fastsample.catalog import PRESETS
 from fastsample.unet import AttentionBlock
 
 

@@ -9,8 +9,8 @@ import torch
 
 import fastsample
 from bench.sample import _random, reference_style
+from fastsample.catalog import PRESETS
 from fastsample.netfns import guidance_fn, scaled
-from fastsample.presets import PRESETS
 
 pytest.importorskip("pytest_benchmark")
 

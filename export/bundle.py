@@ -288,7 +288,7 @@ def _write_graphs(
     (staging / "schedule.json").write_text(json.dumps(schedule) + "\n")
     files["schedule.json"] = sha256_file(staging / "schedule.json")
     if guidance_scale is None:
-        from fastsample.presets import PRESETS
+        from fastsample.catalog import PRESETS
 
         preset = PRESETS.get(model.preset or "")
         guidance_scale = preset.classifier_scale if preset and preset.classifier_scale else 1.0

@@ -22,8 +22,8 @@ _EXPORTS = {
     "ClassifierConfig": ("config", "ClassifierConfig"),
     "SuperResConfig": ("config", "SuperResConfig"),
     "UNetConfig": ("config", "UNetConfig"),
-    "Preset": ("config", "Preset"),
-    "presets": ("config", "PRESETS"),
+    "Preset": ("catalog", "Preset"),
+    "presets": ("catalog", "PRESETS"),
     "create_model": ("checkpoint", "create_model"),
     "load_model": ("checkpoint", "load_model"),
     "save_checkpoint": ("checkpoint", "save_checkpoint"),
@@ -76,8 +76,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and editors
+    from .catalog import PRESETS as presets
     from .checkpoint import create_model, load_model, save_checkpoint
-    from .config import PRESETS as presets
     from .config import ClassifierConfig, Preset, SuperResConfig, UNetConfig
     from .errors import CheckpointError, InputError, NonFiniteError
     from .image_io import to_uint8

@@ -21,10 +21,10 @@ from typing import Literal
 
 import torch
 
+from .catalog import PRESETS, get_preset
 from .config import NetworkConfig, config_from_dict, config_to_dict
 from .errors import CheckpointError, InputError
 from .image_io import atomic_write
-from .presets import PRESETS, get_preset
 from .schedule import Diffusion
 from .unet import _Network, network_class
 

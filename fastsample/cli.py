@@ -40,7 +40,7 @@ def main() -> None:
 @main.command("presets")
 def presets_cmd() -> None:
     """List the released checkpoints with their README settings."""
-    from .presets import PRESETS
+    from .catalog import PRESETS
 
     for name, p in PRESETS.items():
         if p.diffusion is None:

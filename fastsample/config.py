@@ -1,4 +1,4 @@
-"""Network configs and the README flag parser (the presets of the released files: presets.py).
+"""Network configs and the README flag parser (the presets of the released files: catalog.py).
 
 Two vocabularies name the same things, and this module is the one place that converts between them:
 - config dataclasses use the reference *constructor* names (`model_channels`,
@@ -488,9 +488,8 @@ def config_from_dict(data: Mapping[str, Any]) -> NetworkConfig:
 
 
 def __getattr__(name: str) -> Any:
-    """The names that moved to presets.py, still importable from here for one release."""
+    """The names that moved to catalog.py, still importable from here for one release."""
     if name in ("DEMO_CLASSIFIER", "DEMO_UNET", "PRESETS", "RELEASED", "Preset", "get_preset"):
-        # Lazily (presets imports this module), and by module path: `fastsample.presets` is
-        # also the package's public name for the PRESETS mapping.
-        return getattr(importlib.import_module(f"{__package__}.presets"), name)
+        # Lazily: the catalog imports this module.
+        return getattr(importlib.import_module(f"{__package__}.catalog"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

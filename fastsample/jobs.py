@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from . import __version__, runs
+from .catalog import DEMO_UNET, PRESETS
 from .errors import InputError
 from .image_io import file_sha256
-from .presets import DEMO_UNET, PRESETS
 
 if TYPE_CHECKING:
     import torch

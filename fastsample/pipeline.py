@@ -21,11 +21,11 @@ import torch
 
 from . import sampler as solvers
 from ._deprecation import _UNSET, renamed
+from .catalog import PRESETS
 from .checkpoint import create_model, load_model, read_diffusion
 from .config import SuperResConfig
 from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
 from .image_io import atomic_write, image_grid, to_uint8, write_npz
-from .presets import PRESETS
 from .sampling import (
     Runtime,
     check_classifier_fits,

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .catalog import Preset, get_preset
 from .checkpoint import create_model
 from .config import ClassifierConfig, NetworkConfig, SuperResConfig
-from .presets import Preset, get_preset
 
 
 @dataclass

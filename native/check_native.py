@@ -32,11 +32,10 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=2.0)
     args = parser.parse_args()
 
-    from fastsample.export import export, load
-
     from fastsample import sample
+    from fastsample.catalog import DEMO_UNET, PRESETS
     from fastsample.checkpoint import load_model
-    from fastsample.config import DEMO_UNET, PRESETS
+    from fastsample.export import export, load
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(args.work)

@@ -11,6 +11,7 @@ import torch
 import fastsample
 from conftest import load_manifest, manifest_stems
 from fastsample import Classifier, SuperResUNet, UNet, create_model
+from fastsample.catalog import RELEASED
 from fastsample.config import (
     CLASSIFIER_SAMPLE_FLAGS,
     ClassifierConfig,
@@ -18,7 +19,6 @@ from fastsample.config import (
     parse_flags,
     unet_config_from_flags,
 )
-from fastsample.presets import RELEASED
 from fastsample.summary import summarize
 
 STEMS = manifest_stems()
@@ -195,16 +195,18 @@ def test_other_classifier_pools_run(pool):
     assert logits.shape == (3, 10) and torch.isfinite(logits).all()
 
 
-def test_presets_module_and_the_names_config_forwards_to_it():
+def test_catalog_and_the_names_config_forwards_to_it():
     import subprocess
     import sys
 
-    from fastsample import config, presets
+    import fastsample
+    from fastsample import catalog, config
 
     for name in ("PRESETS", "RELEASED", "DEMO_UNET", "DEMO_CLASSIFIER", "Preset", "get_preset"):
-        assert getattr(config, name) is getattr(sys.modules["fastsample.presets"], name)
-    # `fastsample.presets` reads as the mapping, whichever of the two it is bound to
-    assert list(presets) == list(config.PRESETS) and "demo-mnist" in presets
-    assert presets["demo-mnist"] is config.get_preset("demo-mnist") and len(presets) == 17
-    code = "import sys, fastsample.config; assert 'fastsample.presets' not in sys.modules"
+        assert getattr(config, name) is getattr(catalog, name)
+    # `fastsample.presets` is the mapping, before and after the catalog module is imported
+    assert fastsample.presets is catalog.PRESETS and len(fastsample.presets) == 17
+    code = "import sys, fastsample.config; assert 'fastsample.catalog' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import fastsample.catalog, fastsample; assert 'demo-mnist' in fastsample.presets"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,9 +9,9 @@ from click.testing import CliRunner
 
 import fastsample
 from fastsample import Pipeline, load_model
+from fastsample.catalog import DEMO_CLASSIFIER, DEMO_UNET
 from fastsample.cli import main
 from fastsample.demo import WEIGHTS_DIR
-from fastsample.presets import DEMO_CLASSIFIER, DEMO_UNET
 
 
 def test_demo_weights_load_like_any_preset():

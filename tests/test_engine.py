@@ -8,11 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, rel_err
 
+from conftest import KERNEL_DEVICE, rel_err
 from fastsample import Pipeline, sample
+from fastsample.catalog import DEMO_UNET, PRESETS
 from fastsample.checkpoint import load_model
-from fastsample.config import DEMO_UNET, PRESETS
 from fastsample.engine import FastEngine
 from fastsample.unet import AttentionPool2d
 

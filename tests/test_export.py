@@ -21,7 +21,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+
 from conftest import rel_err
+from fastsample import Classifier, Diffusion, SuperResUNet, UNet, sample
+from fastsample.catalog import DEMO_UNET, PRESETS
+from fastsample.checkpoint import load_model
+from fastsample.cli import main
 from fastsample.export import ExportError, export, load
 from fastsample.export.bundle import check_hashes, read_manifest, sha256_file
 from fastsample.export.graphs import (
@@ -30,11 +35,6 @@ from fastsample.export.graphs import (
     unet_graph,
 )
 from fastsample.export.onnx import OrtGraph, choose_providers
-
-from fastsample import Classifier, Diffusion, SuperResUNet, UNet, sample
-from fastsample.checkpoint import load_model
-from fastsample.cli import main
-from fastsample.config import DEMO_UNET, PRESETS
 from fastsample.netfns import guidance_fn
 
 DEMO_CLASSIFIER = PRESETS[DEMO_UNET].classifier

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import triton  # the [test] extra installs it: a missing install fails, no skip
+
+from fastsample import create_model, load_model, ops
 from fastsample.kernels.attention import attention_reference
 from fastsample.kernels.attention import check_inputs as attention_checks
 from fastsample.kernels.group_norm import check_inputs as group_norm_checks
 from fastsample.kernels.group_norm import group_norm_reference
-
-from fastsample import create_model, load_model, ops
 from fastsample.unet import AttentionBlock, GroupNorm32
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import golden_labels, rel_err
 
 import fastsample
+from conftest import golden_labels, rel_err
 from fastsample import Classifier, SuperResUNet, UNet, ops
 from fastsample.netfns import guidance_fn, scaled
 from fastsample.unet import Conv2d

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import GOLDEN_DIR, SCHEDULES, golden_labels, rel_err, replay_reference_rng
 
+from conftest import GOLDEN_DIR, SCHEDULES, golden_labels, rel_err, replay_reference_rng
 from fastsample import Classifier, Diffusion, UNet, sample, to_uint8
 from fastsample import sampler as samplers
 from fastsample.schedule import cosine_betas, linear_betas, space_timesteps

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import golden_labels, rel_err
 
+from conftest import golden_labels, rel_err
 from fastsample import Classifier, SuperResUNet, UNet
 from fastsample.unet import AttentionBlock
 

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..catalog import DEMO_CLASSIFIER, DEMO_UNET, PRESETS
 from ..checkpoint import load_model, save_checkpoint
 from ..judge import Judge
-from ..presets import DEMO_CLASSIFIER, DEMO_UNET, PRESETS
 from ..unet import Classifier, UNet
 from . import WEIGHTS_DIR
 from .data import load_mnist_32, split

@@ -3,6 +3,7 @@ backward, both qkv layouts: compiled on a GPU, interpreted on the CPU (tests/con
 
 import pytest
 import torch
+
 from conftest import KERNEL_DEVICE, assert_as_close_as_torch, rel_err
 from fastsample.kernels.attention import attention, attention_reference
 

@@ -4,8 +4,8 @@ The networks run on the torch kernels here (their Triton kernels: test_networks.
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, rel_err, replay_reference_rng
 
+from conftest import KERNEL_DEVICE, rel_err, replay_reference_rng
 from fastsample import Classifier, Diffusion, UNet, sample
 from fastsample.engine import FastEngine, kernel_available
 

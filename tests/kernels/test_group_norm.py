@@ -3,6 +3,7 @@ and backward: compiled on a GPU, interpreted on the CPU (tests/conftest.py)."""
 
 import pytest
 import torch
+
 from conftest import KERNEL_DEVICE, assert_as_close_as_torch, rel_err
 from fastsample.kernels.group_norm import group_norm, group_norm_reference
 

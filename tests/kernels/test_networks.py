@@ -3,8 +3,8 @@ against their float32 selves (float16, three ways), and the guidance gradient.""
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, assert_as_close_as_torch, golden_labels, rel_err
 
+from conftest import KERNEL_DEVICE, assert_as_close_as_torch, golden_labels, rel_err
 from fastsample import Classifier, SuperResUNet, UNet
 from fastsample.netfns import guidance_fn
 

@@ -3,8 +3,8 @@ solver, guided and not, through the same loop (fastsample.sampler.run)."""
 
 import pytest
 import torch
-from conftest import KERNEL_DEVICE, rel_err
 
+from conftest import KERNEL_DEVICE, rel_err
 from fastsample import Diffusion
 from fastsample import sampler as samplers
 from fastsample.engine import fused_update

@@ -8,8 +8,6 @@ constructor arguments once; tests check every released preset against the checkp
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -211,40 +209,3 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
-
-
-class _PresetsModule(types.ModuleType):
-    """This module, read as the mapping PRESETS as well.
-
-    `fastsample.presets` is the package's public name for PRESETS, and importing this module
-    binds the same attribute of the package to the module; either way `fastsample.presets[stem]`,
-    `stem in fastsample.presets` and iteration give the presets.
-    """
-
-    def __getitem__(self, name: str) -> Preset:
-        return PRESETS[name]
-
-    def __iter__(self):
-        return iter(PRESETS)
-
-    def __len__(self) -> int:
-        return len(PRESETS)
-
-    def __contains__(self, name: object) -> bool:
-        return name in PRESETS
-
-    def get(self, name: str, default: Preset | None = None) -> Preset | None:
-        return PRESETS.get(name, default)
-
-    def keys(self):
-        return PRESETS.keys()
-
-    def values(self):
-        return PRESETS.values()
-
-    def items(self):
-        return PRESETS.items()
-
-
-Mapping.register(_PresetsModule)
-sys.modules[__name__].__class__ = _PresetsModule

@@ -303,7 +303,7 @@ def test_sample_exports_eager_networks_into_the_cache(golden, tmp_path, monkeypa
     assert list((tmp_path / "cache" / "exports").iterdir()) == exports
 
 
-def test_sample_cli_backend_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
+def test_sample_cli_runtime_matches_eager(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSAMPLE_CACHE", str(tmp_path / "cache"))
     runner = CliRunner()
     base = [
@@ -323,7 +323,7 @@ def test_sample_cli_backend_matches_eager(tiny_checkpoints, tmp_path, monkeypatc
     eager = runner.invoke(main, [*base, "--out", str(tmp_path / "eager")])
     assert eager.exit_code == 0, eager.output
     onnx_run = runner.invoke(
-        main, [*base, "--backend", "onnxruntime", "--out", str(tmp_path / "ort")]
+        main, [*base, "--runtime", "onnxruntime", "--out", str(tmp_path / "ort")]
     )
     assert onnx_run.exit_code == 0, onnx_run.output
     with (
@@ -527,7 +527,7 @@ def test_export_cli_refuses_tensorrt_without_it(tmp_path):
     assert reason in result.output
     assert not (tmp_path / "t").exists()
     result = CliRunner().invoke(
-        main, ["sample", "--backend", "tensorrt", "--out", str(tmp_path / "s"), "--quiet"]
+        main, ["sample", "--runtime", "tensorrt", "--out", str(tmp_path / "s"), "--quiet"]
     )
     assert result.exit_code == 2 and reason in result.output
     assert "Traceback" not in result.output and not (tmp_path / "s").exists()

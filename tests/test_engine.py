@@ -48,9 +48,7 @@ def test_pipeline_fast_engine_matches_eager(triton_kernels, monkeypatch):
     # networks are left as they were (full pool, parameters still trainable).
     pools = [m for m in fast_pipe._engine.classifier.modules() if isinstance(m, AttentionPool2d)]
     assert pools and all(p.first_query_only for p in pools)
-    assert not any(
-        m.first_query_only for m in clf2.modules() if isinstance(m, AttentionPool2d)
-    )
+    assert not any(m.first_query_only for m in clf2.modules() if isinstance(m, AttentionPool2d))
     assert all(p.requires_grad for p in model2.parameters())
     assert np.array_equal(eager.labels, fast.labels)
     diff = np.abs(eager.images.astype(int) - fast.images.astype(int))

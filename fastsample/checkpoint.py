@@ -17,7 +17,6 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
 
 import torch
 
@@ -25,6 +24,7 @@ from .catalog import PRESETS, get_preset
 from .config import NetworkConfig, config_from_dict, config_to_dict
 from .errors import CheckpointError, InputError
 from .image_io import atomic_write
+from .ops import Kernels
 from .schedule import Diffusion
 from .unet import _Network, network_class
 
@@ -33,7 +33,6 @@ PRESET_KEY = "fastsample.preset"
 DIFFUSION_KEY = "fastsample.diffusion"
 
 StateDict = Mapping[str, torch.Tensor]
-Kernels = Literal["auto", "torch", "triton", "onednn"]
 
 
 def _resolve(preset: str | NetworkConfig) -> tuple[NetworkConfig, str | None]:

@@ -23,7 +23,7 @@ from .image_io import file_sha256
 if TYPE_CHECKING:
     import torch
 
-    from .pipeline import Kernels
+    from .ops import Kernels
     from .sampler import SamplerName
     from .sampling import Runtime
 

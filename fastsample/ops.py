@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from fastsample.kernels.reference import attention_reference, group_norm_referen
 
 from .errors import InputError
 
+Kernels = Literal["auto", "torch", "triton", "onednn"]  # "auto": chosen per device
 KERNELS = ("torch", "triton", "onednn")
 BACKENDS = KERNELS  # the old name
 

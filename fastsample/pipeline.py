@@ -26,6 +26,7 @@ from .checkpoint import create_model, load_model, read_diffusion
 from .config import SuperResConfig
 from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
 from .image_io import atomic_write, image_grid, to_uint8, write_npz
+from .ops import Kernels
 from .sampling import (
     Runtime,
     check_classifier_fits,
@@ -39,7 +40,6 @@ from .schedule import Diffusion
 from .unet import Classifier, UNet
 
 Engine = Literal["fast", "eager"]
-Kernels = Literal["auto", "torch", "triton", "onednn"]
 
 
 class _FiniteWatch:

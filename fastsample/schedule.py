@@ -150,10 +150,12 @@ def coefficients(betas: np.ndarray, timestep_map: Sequence[int]) -> Coefficients
     ac = np.cumprod(alphas)
     ac_prev = np.append(1.0, ac[:-1])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-    # The posterior variance is 0 at the first step: its log is clipped by repeating step 1.
-    post_log_var = (
-        np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(post_var)
-    )
+    # The posterior variance is 0 at the first step: its log is clipped by repeating step 1
+    # (a one-step schedule has only that step: log 0 = -inf, its true value).
+    with np.errstate(divide="ignore"):
+        post_log_var = (
+            np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(post_var)
+        )
     large = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas
     return Coefficients(
         timestep_map=np.asarray(timestep_map, dtype=np.int64),

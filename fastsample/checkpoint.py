@@ -42,6 +42,14 @@ def _resolve(preset: str | NetworkConfig) -> tuple[NetworkConfig, str | None]:
     return preset, None
 
 
+def auto_dtype(config: NetworkConfig, device: str | torch.device) -> torch.dtype:
+    """The torso's precision for dtype=None: float32 on the CPU (no fast float16 convolutions
+    there), else the README's (float16 where the config's use_fp16 is set)."""
+    if torch.device(device).type == "cpu" or not config.use_fp16:
+        return torch.float32
+    return torch.float16
+
+
 def create_model(
     preset: str | NetworkConfig,
     device: str | torch.device = "cpu",
@@ -52,7 +60,8 @@ def create_model(
 ) -> _Network:
     """Build a preset (by stem, e.g. "256x256_diffusion") or a config with random weights.
 
-    dtype None runs the torso as the README does (float16 where the preset's use_fp16 is set);
+    dtype None is "auto" (`auto_dtype`): the README's precision (float16 torso where use_fp16
+    is set) off the CPU, float32 on the CPU, which has no fast float16 convolutions;
     torch.float32 / float16 / bfloat16 choose explicitly. `device="meta"` allocates nothing.
     kernels: "auto" (triton on CUDA where Triton is installed, onednn on a CPU torch built with
     it, else torch), "torch", "triton" or "onednn" (see fastsample.ops). backend: the old name
@@ -63,7 +72,7 @@ def create_model(
     with torch.device(device):
         model = network_class(config)(config)
     model.preset = name
-    model.set_precision(dtype if dtype is not None else model.dtype)
+    model.set_precision(dtype if dtype is not None else auto_dtype(config, device))
     model.set_kernels(kernels)
     return model.eval().requires_grad_(False)
 
@@ -255,9 +264,9 @@ def load_model(
     """Load a released (or fastsample-saved) checkpoint strictly, in eval mode. `path` may also
     name a preset whose weights ship with fastsample ("demo-mnist", "demo-mnist-classifier").
 
-    dtype None runs the torso as the README does (float16 where use_fp16 is set); float32,
-    float16 or bfloat16 choose explicitly. kernels (and its old name backend): as for
-    create_model.
+    dtype None is "auto" as for create_model (the README's precision off the CPU, float32 on
+    it); float32, float16 or bfloat16 choose explicitly. kernels (and its old name backend): as
+    for create_model.
     """
     kernels = _kernels_argument(kernels, backend)
     path = Path(path)
@@ -293,9 +302,7 @@ def load_model(
     model.load_state_dict(params, strict=True, assign=True)
     model = model.to(device)
     model.preset = name
-    model.set_precision(
-        dtype if dtype is not None else (torch.float16 if config.use_fp16 else torch.float32)
-    )
+    model.set_precision(dtype if dtype is not None else auto_dtype(config, device))
     model.set_kernels(kernels)
     return model.eval().requires_grad_(False)
 

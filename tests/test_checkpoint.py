@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import fastsample
 from conftest import golden_labels, load_manifest, manifest_stems
 from fastsample import CheckpointError, Classifier, SuperResUNet, UNet, load_model, save_checkpoint
-from fastsample.checkpoint import detect_presets
+from fastsample.checkpoint import auto_dtype, create_model, detect_presets
 
 GOLDEN_MODELS = {"unet_a": UNet, "sr": SuperResUNet, "classifier": Classifier}
 
@@ -64,7 +64,16 @@ def test_load_model_applies_the_requested_precision(golden, tmp_path):
     model, config = _golden_model(golden, "unet_a")
     path = save_checkpoint(model, tmp_path / "tiny.safetensors")
     fp16_config = type(config)(**{**config.__dict__, "use_fp16": True})
-    readme = load_model(path, preset=fp16_config)  # dtype None -> the config's use_fp16
+    # dtype None is "auto": float32 on the CPU, the config's use_fp16 elsewhere.
+    auto = load_model(path, preset=fp16_config)
+    assert auto.dtype == torch.float32 and auto.input_blocks[0][0].weight.dtype == torch.float32
+    assert auto_dtype(fp16_config, "cpu") == torch.float32
+    assert auto_dtype(fp16_config, "cuda") == auto_dtype(fp16_config, "meta") == torch.float16
+    assert auto_dtype(config, "cuda") == torch.float32  # use_fp16 False
+    meta = create_model("64x64_diffusion", device="meta")
+    assert meta.dtype == torch.float16 and meta.input_blocks[0][0].weight.dtype == torch.float16
+    assert create_model("64x64_diffusion").input_blocks[0][0].weight.dtype == torch.float32
+    readme = load_model(path, preset=fp16_config, dtype=torch.float16)
     assert readme.dtype == torch.float16 and readme.input_blocks[0][0].weight.dtype == torch.float16
     full = load_model(path, preset=fp16_config, dtype=torch.float32)
     assert full.dtype == torch.float32 and full.input_blocks[0][0].weight.dtype == torch.float32

@@ -80,17 +80,26 @@ def test_engine_default_and_errors():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpm++2m"])
 @pytest.mark.parametrize("graphs,streams", [(True, True), (True, False), (False, True)])
 def test_cuda_graphs_and_streams_match_eager(sampler, graphs, streams):
+    """Two batches of one shape (the second replays the first's captured step with its own
+    labels and noise), then a batch of another size."""
     model, clf, d = _demo("cuda")
-    y = torch.tensor([0, 3, 7, 9], device="cuda")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    noise = torch.randn(d.num_steps + 1, 4, 1, 32, 32, device="cuda", generator=gen)
-    want = sample(model.set_kernels("torch"), d, (4, 1, 32, 32), y=y, sampler=sampler,
-                  classifier=clf.set_kernels("torch"), guidance_scale=2.0, noise=noise)  # fmt: skip
+    model.set_kernels("torch")
+    clf.set_kernels("torch")
     model2, clf2, _ = _demo("cuda")
     engine = FastEngine(model2, clf2, cuda_graphs=graphs, streams=streams)
-    steps = []
-    got = engine.sample(sampler, d, lambda k: noise[k], y=y, model_y=y, guidance_scale=2.0,
-                        callback=lambda k, x, x0: steps.append(k))  # fmt: skip
-    assert steps == list(range(1, d.num_steps + 1))
-    # Triton kernels (fp32 statistics, one rounding) and TF32-capable cuDNN vs the torch ops.
-    assert rel_err(got, want) < 1e-3
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for labels in ([0, 3, 7, 9], [5, 5, 1, 2], [4, 6]):
+        y = torch.tensor(labels, device="cuda")
+        shape = (len(labels), 1, 32, 32)
+        noise = torch.randn(d.num_steps + 1, *shape, device="cuda", generator=gen)
+        want = sample(model, d, shape, y=y, sampler=sampler, classifier=clf, guidance_scale=2.0,
+                      noise=noise)  # fmt: skip
+        steps: list[int] = []
+        got = engine.sample(
+            sampler, d, lambda k, n=noise: n[k], y=y, model_y=y, guidance_scale=2.0,
+            callback=lambda k, x, x0, steps=steps: steps.append(k),
+        )  # fmt: skip
+        assert steps == list(range(1, d.num_steps + 1))
+        # Triton kernels (fp32 statistics, one rounding) and TF32-capable cuDNN vs the torch ops.
+        assert rel_err(got, want) < 1e-3, labels
+    assert len(engine._static) == 2  # buffers (and graphs) per batch shape, reused

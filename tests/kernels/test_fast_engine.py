@@ -78,3 +78,29 @@ def test_engine_dpmpp_2m_matches_eager_sampler(golden, engine):
                   guidance_scale=1.5, noise=noise)  # fmt: skip
     got = engine.sample("dpm++2m", d, lambda k: noise[k], y=y, model_y=y, guidance_scale=1.5)
     assert rel_err(got, want) < TOL
+
+
+def test_engine_reuses_its_static_buffers_across_batches(golden, engine, monkeypatch):
+    """Later batches of one shape reuse the first batch's buffers (on CUDA: its captured graph)
+    with their own labels and noise; another shape gets buffers of its own."""
+    d = Diffusion(timestep_respacing="ddim3")
+    unet, clf = engine.model, engine.classifier
+    prepared = []
+    real_prepare = engine._prepare
+    monkeypatch.setattr(
+        engine, "_prepare", lambda *a, **k: prepared.append(a[0]) or real_prepare(*a, **k)
+    )
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.tensor(labels) for labels in ([2, 8], [5, 1], [7, 7], [3])]
+    for sampler in ("ddim", "dpm++2m"):
+        for y in batches:
+            y = y.to(KERNEL_DEVICE)
+            noise = torch.randn(d.num_steps + 1, len(y), 3, 16, 16, generator=gen)
+            noise = noise.to(KERNEL_DEVICE)
+            want = sample(unet, d, (len(y), 3, 16, 16), y=y, sampler=sampler, classifier=clf,
+                          guidance_scale=1.5, noise=noise)  # fmt: skip
+            got = engine.sample(sampler, d, lambda k, n=noise: n[k], y=y, model_y=y,
+                                guidance_scale=1.5)  # fmt: skip
+            assert rel_err(got, want) < TOL, (sampler, y.tolist())
+    # one set of buffers per (shape, sampler): batch sizes 2 and 1, two samplers
+    assert len(prepared) == 4 and len(engine._static) == 4

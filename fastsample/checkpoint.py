@@ -4,10 +4,15 @@ Checkpoints are untrusted input: `.pt` files are read with `torch.load(weights_o
 code runs while unpickling) and `.safetensors` files with safetensors. The network config comes
 from the `preset` argument, else the file name, else the file's fastsample metadata, else it is
 detected by matching the state_dict's keys and shapes against every preset.
+
+Every error that a malformed file causes while it is read or parsed is a CheckpointError naming
+the file and what it should hold (`_untrusted`): torch's and safetensors' readers raise
+IndexError, KeyError, struct.error, ... on some corrupt bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,7 +20,7 @@ import os
 import pickle
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -33,6 +38,36 @@ PRESET_KEY = "fastsample.preset"
 DIFFUSION_KEY = "fastsample.diffusion"
 
 StateDict = Mapping[str, torch.Tensor]
+
+PT_EXPECTED = "a torch checkpoint (.pt zip or legacy pickle) holding a state_dict"
+SAFETENSORS_EXPECTED = "a safetensors file"
+
+
+def _expected(path: Path) -> str:
+    return SAFETENSORS_EXPECTED if path.suffix == ".safetensors" else PT_EXPECTED
+
+
+def _detail(error: Exception) -> str:
+    """An error's type and message on one line of at most 200 characters: the CLI prints a
+    CheckpointError as one line, and a corrupt file's bytes can end up in a message."""
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _untrusted(path: Path) -> Iterator[None]:
+    """Reading or parsing the bytes of `path`: any error becomes a CheckpointError that names the
+    file and what it should hold. CheckpointErrors (the more specific messages) pass through, and
+    so does MemoryError, which is the machine's condition, not the file's."""
+    try:
+        yield
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as e:  # torch's unpickler alone raises IndexError, KeyError, struct.error...
+        raise CheckpointError(
+            f"{path} cannot be read (truncated or corrupt?): not {_expected(path)} ({_detail(e)})"
+        ) from e
 
 
 def _resolve(preset: str | NetworkConfig) -> tuple[NetworkConfig, str | None]:
@@ -173,28 +208,42 @@ def _pickle_globals(path: Path) -> list[str] | None:
                 found.append(f"{strings[-2]}.{strings[-1]}")
             elif isinstance(arg, str):
                 strings.append(arg)
-    except (StopIteration, ValueError, EOFError, OSError, zipfile.BadZipFile, UnicodeError):
+    except MemoryError:
+        raise
+    except Exception:  # a corrupt zip or pickle raises many types (struct.error, zlib.error, ...)
         return None
     return list(dict.fromkeys(found))
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read a .pt or .safetensors file -> (state_dict on CPU, metadata). Never runs a pickle."""
+    """Read a .pt or .safetensors file -> (state_dict on CPU, metadata). Never runs a pickle.
+    A file that cannot be read as one raises CheckpointError, whatever the reader raised."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        return _read_safetensors(path)
+    with _untrusted(path):
+        return _read_torch(path)
 
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                metadata = f.metadata() or {}
-                state_dict = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for bad headers/data
-            raise CheckpointError(
-                f"{path} is not a readable safetensors file (truncated or corrupt?): {e}"
-            ) from None
-        return state_dict, metadata
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except MemoryError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for bad headers/data
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {_detail(e)}"
+        ) from e
+    return state_dict, metadata
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -202,7 +251,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         foreign = [g for g in asked or () if not g.startswith(_TENSOR_GLOBALS)]
         if not foreign:  # a malformed pickle, or one that holds no tensors
             raise CheckpointError(
-                f"{path} cannot be read (truncated or corrupt?): not a torch checkpoint"
+                f"{path} cannot be read (truncated or corrupt?): not {PT_EXPECTED}"
             ) from None
         raise CheckpointError(
             f"refusing to load {path}: it needs Python code to run while unpickling "
@@ -210,8 +259,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             "weights_only=True only. Convert it to a plain state_dict or to .safetensors where "
             "you trust its source."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} cannot be read (truncated or corrupt?): {e}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(
@@ -224,16 +271,39 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return dict(obj), {}
 
 
+def _metadata_json(path: Path, metadata: Mapping[str, str], key: str) -> object:
+    try:
+        return json.loads(metadata[key])
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise CheckpointError(
+            f"{path}: its {key!r} metadata is not valid JSON (truncated or corrupt?): {_detail(e)}"
+        ) from e
+
+
+def _config_from_metadata(path: Path, metadata: Mapping[str, str]) -> NetworkConfig:
+    data = _metadata_json(path, metadata, METADATA_KEY)
+    try:
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            raise TypeError(f"expected an object with 'kind' and 'config', found {data!r}")
+        config = config_from_dict(data)
+    except (CheckpointError, MemoryError):
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: its {METADATA_KEY!r} metadata is not a network config (corrupt?): "
+            f"{_detail(e)}"
+        ) from e
+    return config
+
+
 def _choose_config(
-    path: Path, state_dict: StateDict, metadata: Mapping[str, str], preset
+    path: Path, state_dict: StateDict, metadata: Mapping[str, str]
 ) -> tuple[NetworkConfig, str | None]:
-    if preset is not None:
-        return _resolve(preset)
+    """The config for a file loaded without preset=: its name's, its metadata's, or detected."""
     if path.stem in PRESETS:
         return _resolve(path.stem)
     if METADATA_KEY in metadata:
-        config = config_from_dict(json.loads(metadata[METADATA_KEY]))
-        return config, metadata.get(PRESET_KEY) or None
+        return _config_from_metadata(path, metadata), metadata.get(PRESET_KEY) or None
     matches = detect_presets(state_dict)
     if not matches:
         name, count = closest_preset(state_dict)
@@ -276,9 +346,33 @@ def load_model(
 
         preset = preset or str(path)
         path = WEIGHTS_DIR / PRESETS[str(path)].weights
+    model = None
+    if preset is not None:  # the caller's choice, so its errors are the caller's (not the file's)
+        config, name = _resolve(preset)
+        model = create_model(config, device="meta", dtype=torch.float32)
     state_dict, metadata = read_checkpoint(path)
-    config, name = _choose_config(path, state_dict, metadata, preset)
-    model = create_model(config, device="meta", dtype=torch.float32)
+    # From here on everything derives from the file's bytes (a config in its metadata included).
+    with _untrusted(path):
+        if model is None:
+            config, name = _choose_config(path, state_dict, metadata)
+            model = create_model(config, device="meta", dtype=torch.float32)
+        _check_fit(path, model, state_dict, name, config)
+        # Parameters are held in float32 (exact for any float16/bfloat16 file), each in its own
+        # fresh allocation: tensors read from a file can be unaligned views into one buffer,
+        # which makes CPU kernels pick other code paths. The precision step converts the torso.
+        params = {k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}
+        del state_dict
+        model.load_state_dict(params, strict=True, assign=True)
+    model = model.to(device)
+    model.preset = name
+    model.set_precision(dtype if dtype is not None else auto_dtype(config, device))
+    model.set_kernels(kernels)
+    return model.eval().requires_grad_(False)
+
+
+def _check_fit(
+    path: Path, model: _Network, state_dict: StateDict, name: str | None, config: NetworkConfig
+) -> None:
     missing, unexpected, shaped = layout_mismatch(
         layout_of(model.state_dict()), layout_of(state_dict)
     )
@@ -294,17 +388,6 @@ def load_model(
     for key, value in state_dict.items():
         if not value.is_floating_point():
             raise CheckpointError(f"{path}: {key} has dtype {value.dtype}; expected floating point")
-    # Parameters are held in float32 (exact for any float16/bfloat16 file), each in its own fresh
-    # allocation: tensors read from a file can be unaligned views into one buffer, which makes
-    # CPU kernels pick other code paths. The precision step below converts the torso.
-    params = {k: v.to(torch.float32, copy=True) for k, v in state_dict.items()}
-    del state_dict
-    model.load_state_dict(params, strict=True, assign=True)
-    model = model.to(device)
-    model.preset = name
-    model.set_precision(dtype if dtype is not None else auto_dtype(config, device))
-    model.set_kernels(kernels)
-    return model.eval().requires_grad_(False)
 
 
 def read_diffusion(path: str | os.PathLike) -> Diffusion | None:
@@ -316,10 +399,25 @@ def read_diffusion(path: str | os.PathLike) -> Diffusion | None:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            text = (f.metadata() or {}).get(DIFFUSION_KEY)
+            metadata = dict(f.metadata() or {})
+    except MemoryError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    return Diffusion(**json.loads(text)) if text else None
+        raise CheckpointError(f"{path} is not a readable safetensors file: {_detail(e)}") from e
+    if not metadata.get(DIFFUSION_KEY):
+        return None
+    data = _metadata_json(path, metadata, DIFFUSION_KEY)
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, found {data!r}")
+        return Diffusion(**data)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: its {DIFFUSION_KEY!r} metadata is not diffusion settings (corrupt?): "
+            f"{_detail(e)}"
+        ) from e
 
 
 def save_checkpoint(

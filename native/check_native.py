@@ -4,6 +4,8 @@ Exports the demo model and its classifier as AOTInductor packages, draws one noi
 samples the same labels three ways: eager PyTorch, the Python sampler on the AOTInductor
 packages, and fastsample-run on the same packages. Exits 1 when they disagree beyond float32
 rounding (the native and Python loops run the same graphs and the same float32 arithmetic).
+Then the seeded path: fastsample-run's per-sample seeds and drawn labels against numpy's, and
+`--seed S` at two batch sizes against the Python sampler seeded sample_seed(S, i) per sample.
 """
 
 from __future__ import annotations
@@ -106,6 +108,8 @@ def main() -> int:
         f"uint8 images: shape {images.shape}, {np.mean(pixel_diff == 0) * 100:.3f}% identical, "
         f"largest difference {pixel_diff.max()}"
     )
+    seeds_ok = check_seeds(args.runner)
+    seeded_match_ok = check_seeded_runs(args, out, diffusion, graphs, work)
     # --seed draws its own noise: deterministic, well-formed images.
     seeded = []
     for name in ("seed_a.npy", "seed_b.npy"):
@@ -181,6 +185,8 @@ def main() -> int:
     print(f"bad input: {'one-line errors' if errors_ok else 'FAILED'}")
     ok = (
         seeded_ok
+        and seeds_ok
+        and seeded_match_ok
         and errors_ok
         and images.shape == want_images.shape
         and err_python <= TOL_SAME_GRAPHS
@@ -189,6 +195,92 @@ def main() -> int:
     )
     print("PASSED" if ok else "FAILED")
     return 0 if ok else 1
+
+
+def check_seeds(runner: str) -> bool:
+    """--print-seeds against fastsample.sampling.sample_seed and the pipeline's drawn labels,
+    for seeds of one, two and three 32-bit words and several class counts."""
+    from fastsample.sampling import sample_seed
+
+    ok, cases = True, 0
+    for seed in (0, 3, 2**32 - 1, 2**32, 2**40 + 7, 2**63 + 12345, 2**64 - 1):
+        for classes, first in ((10, 0), (1000, 5), (7, 2**31)):
+            run = subprocess.run(
+                [runner, "--print-seeds", str(classes), "--seed", str(seed), "--num-samples", "6",
+                 "--first-index", str(first)],
+                capture_output=True, text=True,
+            )  # fmt: skip
+            want = [
+                f"{i} {sample_seed(seed, i)} "
+                f"{np.random.default_rng(sample_seed(seed, i, stream=1)).integers(classes)}"
+                for i in range(first, first + 6)
+            ]
+            got = run.stdout.split("\n")[:-1]
+            if run.returncode != 0 or got != want:
+                print(
+                    f"--print-seeds {classes} --seed {seed}: got {got or run.stderr}, want {want}"
+                )
+                ok = False
+            cases += len(want)
+    print(
+        f"per-sample seeds and drawn labels vs numpy: {cases} cases, {'equal' if ok else 'FAILED'}"
+    )
+    return ok
+
+
+def check_seeded_runs(args, out: Path, diffusion, graphs, work: Path) -> bool:
+    """fastsample-run --seed S at batch sizes 2 and 3 against the Python sampler on the same
+    packages, seeded per sample as the pipeline seeds it, with the labels it draws."""
+    from fastsample import sample
+    from fastsample.sampling import sample_seed
+
+    seed, num, eta = 2**33 + 5, 6, 0.5
+    labels = [
+        np.random.default_rng(sample_seed(seed, i, stream=1)).integers(10) for i in range(num)
+    ]
+    raw = {}
+    ok = True
+    for b in (2, 3):
+        cmd = [
+            args.runner, str(out), "--seed", str(seed), "--batch", str(b), "--num-samples",
+            str(num), "--eta", str(eta), "--out", str(work / f"seeded{b}.npy"), "--raw",
+            str(work / f"seeded{b}_raw.npy"),
+        ]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        print(run.stdout + run.stderr, end="")
+        if run.returncode != 0:
+            return False
+        native = torch.from_numpy(np.load(work / f"seeded{b}_raw.npy"))
+        python = torch.cat(
+            [
+                sample(
+                    graphs,
+                    diffusion,
+                    (len(idx), 1, 32, 32),
+                    runtime="aoti",
+                    sampler="ddim",
+                    guidance_scale=args.scale,
+                    eta=eta,
+                    y=torch.tensor(labels[idx.start : idx.stop]),
+                    seed=[sample_seed(seed, i) for i in idx],
+                )  # fmt: skip
+                for idx in (range(s, min(s + b, num)) for s in range(0, num, b))
+            ]
+        )
+        err = ((native - python).abs().max() / python.abs().max()).item()
+        equal = torch.equal(native, python)
+        print(
+            f"--seed {seed} --batch {b} (eta {eta}, drawn labels {labels}) vs Python sampler: "
+            f"max error {err:.3e} of scale{' (bit for bit equal)' if equal else ''}"
+        )
+        ok &= native.shape == (num, 1, 32, 32) and err <= TOL_SAME_GRAPHS
+        raw[b] = native
+    across = ((raw[2] - raw[3]).abs().max() / raw[3].abs().max()).item()
+    print(
+        f"sample i at --batch 2 vs --batch 3: max error {across:.3e} of scale"
+        f"{' (bit for bit equal)' if torch.equal(raw[2], raw[3]) else ''}"
+    )
+    return ok and across <= TOL_SAME_GRAPHS
 
 
 if __name__ == "__main__":

@@ -1,21 +1,32 @@
 // fastsample-run: classifier-guided DDIM sampling from a `fastsample export --target aoti`
 // directory, without Python.
 //
-//   fastsample-run EXPORT_DIR --out images.npy [--noise noise.npy | --seed N --batch B]
+//   fastsample-run EXPORT_DIR --out images.npy
+//                  [--noise noise.npy | --seed S --batch B [--num-samples N] [--first-index F]]
 //                  [--labels 1,2,3 | --labels-npy y.npy] [--scale S] [--eta E] [--raw x.npy]
+//   fastsample-run --print-seeds K --seed S --num-samples N [--first-index F]
 //
 // The loop is the one fastsample's Python DDIM sampler runs (Song et al. eq. 12; guidance as in
 // Dhariwal & Nichol's Algorithm 2): the same float32 tables, gathered from schedule.json's
 // float64 values, and the same operation order, so that given the same noise the two agree to
 // the graphs' rounding. images.npy holds [B, H, W, C] uint8 (truncated like the reference);
 // --raw also writes the float32 samples [B, C, H, W].
+//
+// --seed S draws as `fastsample sample --seed S` does on the same device: sample i (counted from
+// --first-index) has its own generator seeded sample_seed(S, i), which draws x_T and then one
+// tensor per step; without --labels its label is the one the Python pipeline draws. So sample i
+// is the Python sampler's sample i, whatever --batch is. --print-seeds K prints each sample's
+// generator seed and drawn label (of K classes) and exits.
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <sstream>
 #include <stdexcept>
@@ -24,6 +35,7 @@
 
 #include "json.h"
 #include "npy.h"
+#include "seeds.h"
 
 namespace fs = fastsample;
 
@@ -31,7 +43,9 @@ namespace {
 
 struct Args {
   std::string dir, out, noise, raw, labels, labels_npy;
-  int64_t seed = -1, batch = 0;
+  bool seeded = false;
+  uint64_t seed = 0;
+  int64_t batch = 0, num_samples = 0, first_index = 0, print_seeds = 0;
   double scale = -1.0, eta = 0.0;
 };
 
@@ -60,28 +74,53 @@ Args parse_args(int argc, char** argv) {
       if (used == 0 || used != v.size()) usage_error(k + " " + v + ": expected a number");
       return d;
     };
+    // Seeds are full 64-bit integers, which a double cannot hold.
+    auto integer = [&]() -> uint64_t {
+      std::string v = next();
+      size_t used = 0;
+      uint64_t u = 0;
+      try {
+        if (!v.empty() && v[0] != '-' && v[0] != '+') u = std::stoull(v, &used);
+      } catch (const std::exception&) {
+        used = 0;
+      }
+      if (used == 0 || used != v.size()) usage_error(k + " " + v + ": expected a number (0 <= N < 2^64)");
+      return u;
+    };
     if (k == "--out") a.out = next();
     else if (k == "--noise") a.noise = next();
     else if (k == "--raw") a.raw = next();
     else if (k == "--labels") a.labels = next();
     else if (k == "--labels-npy") a.labels_npy = next();
-    else if (k == "--seed") a.seed = static_cast<int64_t>(number());
+    else if (k == "--seed") a.seed = integer(), a.seeded = true;
     else if (k == "--batch") a.batch = static_cast<int64_t>(number());
+    else if (k == "--num-samples") a.num_samples = static_cast<int64_t>(number());
+    else if (k == "--first-index") a.first_index = static_cast<int64_t>(number());
+    else if (k == "--print-seeds") a.print_seeds = static_cast<int64_t>(number());
     else if (k == "--scale") a.scale = number();
     else if (k == "--eta") a.eta = number();
     else if (k == "-h" || k == "--help") {
       std::cout << "usage: fastsample-run EXPORT_DIR --out images.npy [--noise noise.npy | "
-                   "--seed N --batch B] [--labels 1,2,3 | --labels-npy y.npy] [--scale S] "
-                   "[--eta E] [--raw samples.npy]\n";
+                   "--seed S --batch B [--num-samples N] [--first-index F]] [--labels 1,2,3 | "
+                   "--labels-npy y.npy] [--scale S] [--eta E] [--raw samples.npy]\n"
+                   "       fastsample-run --print-seeds K --seed S --num-samples N [--first-index F]\n";
       std::exit(0);
     } else if (!k.empty() && k[0] == '-') usage_error("unknown option " + k);
     else if (a.dir.empty()) a.dir = k;
     else usage_error("unexpected argument " + k);
   }
+  if (a.num_samples < 0 || a.first_index < 0 || a.print_seeds < 0)
+    usage_error("--num-samples, --first-index and --print-seeds take non-negative integers");
+  if (a.print_seeds > 0) {
+    if (!a.seeded || a.num_samples < 1) usage_error("--print-seeds needs --seed S and --num-samples N");
+    return a;
+  }
   if (a.dir.empty()) usage_error("EXPORT_DIR is required");
   if (a.out.empty()) usage_error("--out is required");
-  if (a.noise.empty() == (a.seed < 0)) usage_error("give --noise FILE or --seed N (one of them)");
-  if (a.seed >= 0 && a.batch < 1) usage_error("--seed needs --batch B (B >= 1)");
+  if (a.noise.empty() == !a.seeded) usage_error("give --noise FILE or --seed N (one of them)");
+  if (a.seeded && a.batch < 1) usage_error("--seed needs --batch B (B >= 1)");
+  if (!a.seeded && (a.num_samples > 0 || a.first_index > 0))
+    usage_error("--num-samples and --first-index go with --seed");
   if (a.eta < 0) usage_error("--eta " + std::to_string(a.eta) + ": expected >= 0");
   return a;
 }
@@ -116,7 +155,24 @@ Graph load_graph(const std::string& dir, const fs::json::Value& entry) {
   return g;
 }
 
+// A fresh generator on `device` seeded like Python's torch.Generator(device).manual_seed(seed).
+at::Generator new_generator(const torch::Device& device, uint64_t seed) {
+  if (device.is_cpu()) return at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Generator g = at::detail::getCUDAHooks().getNewGenerator(device.has_index() ? device.index() : 0);
+  g.set_current_seed(seed);
+  return g;
+}
+
+// One line per sample: its index, its generator seed and the label of K classes it draws.
+int print_seeds(const Args& a) {
+  for (int64_t i = a.first_index; i < a.first_index + a.num_samples; ++i)
+    std::cout << i << " " << fs::seeds::sample_seed(a.seed, static_cast<uint64_t>(i)) << " "
+              << fs::seeds::drawn_label(a.seed, static_cast<uint64_t>(i), a.print_seeds) << "\n";
+  return 0;
+}
+
 int run(const Args& a) {
+  if (a.print_seeds > 0) return print_seeds(a);
   torch::NoGradGuard no_grad;
   const fs::json::Value manifest = fs::json::parse(read_text(a.dir + "/manifest.json"));
   if (manifest.at("target").as_string() != "aoti")
@@ -147,9 +203,10 @@ int run(const Args& a) {
   const int64_t H = static_cast<int64_t>(x_shape.at(2).as_number());
   const int64_t W = static_cast<int64_t>(x_shape.at(3).as_number());
 
-  // Noise: x_T then one draw per step, as Python's sample(noise=...) takes it.
+  // Explicit noise: x_T then one draw per step, as Python's sample(noise=...) takes it, one batch.
+  // Seeds: num_samples samples in batches of B, each drawing from its own generator.
   torch::Tensor noise;
-  int64_t B = a.batch;
+  int64_t B = a.batch, N = a.num_samples > 0 ? a.num_samples : a.batch;
   if (!a.noise.empty()) {
     noise = fs::npy::read(a.noise);
     if (noise.scalar_type() != torch::kFloat32 || noise.dim() != 5 || noise.size(0) < 1 ||
@@ -158,14 +215,11 @@ int run(const Args& a) {
                   ", " + std::to_string(H) + ", " + std::to_string(W) + "]");
     if (noise.size(0) != n + 1 && !(noise.size(0) == 1 && a.eta == 0.0))
       usage_error(a.noise + ": expected " + std::to_string(n + 1) + " draws (x_T and one per step)");
-    B = noise.size(1);
-  } else {
-    auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(a.seed));
-    noise = torch::randn({a.eta == 0.0 ? 1 : n + 1, B, C, H, W}, gen);
+    B = N = noise.size(1);
+    noise = noise.to(device);
   }
-  noise = noise.to(device);
 
-  // Labels: for a class-conditional model and for the classifier.
+  // Labels: for a class-conditional model and for the classifier; label i is sample i's.
   const bool needs_y = std::find(unet.inputs.begin(), unet.inputs.end(), "y") != unet.inputs.end() || guided;
   torch::Tensor y;
   if (needs_y) {
@@ -192,12 +246,17 @@ int run(const Args& a) {
           usage_error("--labels " + a.labels + ": expected comma-separated integers");
         }
       }
-      for (int64_t b = 0; b < B; ++b) labels.push_back(wanted.at(static_cast<size_t>(b) % wanted.size()));
+      // Used in turn from the run's first sample, as the Python pipeline's classes are.
+      for (int64_t i = 0; i < N; ++i)
+        labels.push_back(wanted.at(static_cast<size_t>(a.first_index + i) % wanted.size()));
+    } else if (a.seeded) {
+      for (int64_t i = 0; i < N; ++i)
+        labels.push_back(fs::seeds::drawn_label(a.seed, static_cast<uint64_t>(a.first_index + i), classes));
     } else {
-      for (int64_t b = 0; b < B; ++b) labels.push_back(b % classes);
+      for (int64_t i = 0; i < N; ++i) labels.push_back(i % classes);
     }
-    if (static_cast<int64_t>(labels.size()) != B)
-      usage_error(std::to_string(labels.size()) + " labels for a batch of " + std::to_string(B));
+    if (static_cast<int64_t>(labels.size()) != N)
+      usage_error(std::to_string(labels.size()) + " labels for " + std::to_string(N) + " samples");
     for (int64_t l : labels)
       if (l < 0 || l >= classes)
         usage_error("class label " + std::to_string(l) + ": expected 0.." + std::to_string(classes - 1));
@@ -216,32 +275,64 @@ int run(const Args& a) {
   torch::Tensor sqrt_ac_prev = torch::sqrt(ac_prev);
   torch::Tensor dir_coef = torch::sqrt((1 - ac_prev - sigma.pow(2)).clamp_min(0));
 
-  torch::Tensor x = noise[0];
-  for (int64_t k = 1; k <= n; ++k) {
-    const int64_t i = n - k;
-    torch::Tensor t = t_model[i].expand({B}).contiguous();
-    std::vector<torch::Tensor> args{x, t};
-    for (size_t j = 2; j < unet.inputs.size(); ++j) {
-      if (unet.inputs[j] == "y") args.push_back(y);
-      else usage_error("the UNet graph takes '" + unet.inputs[j] + "': fastsample-run samples base models only");
+  // One batch: draw(k) is x_T for k = 0, else step k's fresh noise [b, C, H, W].
+  auto ddim = [&](const std::function<torch::Tensor(int64_t)>& draw, const torch::Tensor& y_b) {
+    torch::Tensor x = draw(0);
+    const int64_t b = x.size(0);
+    for (int64_t k = 1; k <= n; ++k) {
+      const int64_t i = n - k;
+      torch::Tensor t = t_model[i].expand({b}).contiguous();
+      std::vector<torch::Tensor> args{x, t};
+      for (size_t j = 2; j < unet.inputs.size(); ++j) {
+        if (unet.inputs[j] == "y") args.push_back(y_b);
+        else usage_error("the UNet graph takes '" + unet.inputs[j] + "': fastsample-run samples base models only");
+      }
+      torch::Tensor out = unet(args);
+      torch::Tensor eps_out = learn_sigma ? out.narrow(1, 0, C) : out;
+      torch::Tensor x0 = predict_xstart ? eps_out : sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps_out;
+      if (clip) x0 = x0.clamp(-1, 1);
+      if (guided) {
+        torch::Tensor g = grad({x, t, y_b}) * scale;
+        torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i] - sqrt_one_minus_ac[i] * g;
+        x0 = sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps;
+      }
+      torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i];
+      x = x0 * sqrt_ac_prev[i] + dir_coef[i] * eps;
+      // The Python sampler draws at every step; with eta = 0 the draws go unused, and each
+      // sample's generator draws nothing after them, so skipping them changes no sample.
+      if (a.eta != 0.0) {
+        torch::Tensor z = draw(k);
+        if (i > 0) x = x + sigma[i] * z;
+      }
     }
-    torch::Tensor out = unet(args);
-    torch::Tensor eps_out = learn_sigma ? out.narrow(1, 0, C) : out;
-    torch::Tensor x0 = predict_xstart ? eps_out : sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps_out;
-    if (clip) x0 = x0.clamp(-1, 1);
-    if (guided) {
-      torch::Tensor g = grad({x, t, y}) * scale;
-      torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i] - sqrt_one_minus_ac[i] * g;
-      x0 = sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps;
+    return x;
+  };
+
+  std::vector<torch::Tensor> batches;
+  for (int64_t start = 0; start < N; start += B) {
+    const int64_t b = std::min(B, N - start);
+    torch::Tensor y_b = needs_y ? y.narrow(0, start, b) : torch::Tensor();
+    if (!a.noise.empty()) {
+      batches.push_back(ddim([&](int64_t k) { return noise[k]; }, y_b));
+      continue;
     }
-    torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i];
-    x = x0 * sqrt_ac_prev[i] + dir_coef[i] * eps;
-    if (i > 0 && a.eta != 0.0) x = x + sigma[i] * noise[k];
+    std::vector<at::Generator> gens;
+    for (int64_t j = 0; j < b; ++j)
+      gens.push_back(new_generator(device, fs::seeds::sample_seed(a.seed, static_cast<uint64_t>(a.first_index + start + j))));
+    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device);
+    batches.push_back(ddim(
+        [&](int64_t) {
+          std::vector<torch::Tensor> draws;
+          for (auto& g : gens) draws.push_back(torch::randn({C, H, W}, g, options));
+          return torch::stack(draws);
+        },
+        y_b));
   }
+  torch::Tensor x = torch::cat(batches);
   torch::Tensor images = ((x + 1) * 127.5).clamp(0, 255).to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
   fs::npy::write(a.out, images);
   if (!a.raw.empty()) fs::npy::write(a.raw, x.to(torch::kCPU));
-  std::cout << "wrote " << B << " images to " << a.out << " (" << n << " DDIM steps"
+  std::cout << "wrote " << N << " images to " << a.out << " (" << n << " DDIM steps"
             << (guided ? ", guidance scale " + std::to_string(scale) : std::string()) << ")\n";
   return 0;
 }

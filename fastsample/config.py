@@ -64,8 +64,8 @@ class UNetConfig:
         )
         object.__setattr__(self, "channel_mult", _as_tuple(self.channel_mult))
         _check_common(self)
-        if self.num_classes is not None and self.num_classes < 1:
-            raise InputError(f"num_classes={self.num_classes}: expected None or a positive count")
+        if self.num_classes is not None and not 1 <= self.num_classes <= 10**6:
+            raise InputError(f"num_classes={self.num_classes}: expected None or 1..1000000")
 
     # Derived values: properties, so that they cannot disagree with the fields.
     @property
@@ -162,11 +162,24 @@ class ClassifierConfig:
 NetworkConfig = UNetConfig | SuperResConfig | ClassifierConfig
 
 
+# Far above every released network (512 px, 256 channels, 3 blocks per level, 7 levels), and far
+# below sizes that would take hours or terabytes to build: a config read from an untrusted file
+# is refused, not built.
+_LIMITS = {"image_size": 8192, "in_channels": 1024, "model_channels": 8192,
+           "out_channels": 1024, "num_res_blocks": 64}  # fmt: skip
+_MAX_LEVELS, _MAX_MULT = 16, 64
+
+
 def _check_common(cfg: UNetConfig | ClassifierConfig) -> None:
-    for name in ("image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks"):
+    for name, limit in _LIMITS.items():
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise InputError(f"{name}={value!r}: expected a positive integer")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise InputError(f"{name}={value!r}: expected an integer in 1..{limit}")
+    if len(cfg.channel_mult) > _MAX_LEVELS or any(m > _MAX_MULT for m in cfg.channel_mult):
+        raise InputError(
+            f"channel_mult={cfg.channel_mult!r}: expected at most {_MAX_LEVELS} levels of "
+            f"multipliers up to {_MAX_MULT}"
+        )
     if cfg.dims not in (1, 2, 3):
         raise InputError(f"dims={cfg.dims!r}: expected 1, 2 or 3")
     if not cfg.channel_mult or any(m <= 0 for m in cfg.channel_mult):

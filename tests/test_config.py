@@ -210,3 +210,16 @@ def test_catalog_and_the_names_config_forwards_to_it():
     subprocess.run([sys.executable, "-c", code], check=True)
     code = "import fastsample.catalog, fastsample; assert 'demo-mnist' in fastsample.presets"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("num_res_blocks", 10**30), ("model_channels", 10**9), ("image_size", 10**6),
+     ("channel_mult", (1,) * 40), ("channel_mult", (1, 10**6)), ("num_classes", 10**12)],
+)  # fmt: skip
+def test_absurd_sizes_are_refused_before_anything_is_built(field, value):
+    """A config read from an untrusted file must not take hours or terabytes to build."""
+    base = dict(image_size=32, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+                attention_resolutions=(2,))  # fmt: skip
+    with pytest.raises(ValueError, match=field):
+        UNetConfig(**{**base, field: value})

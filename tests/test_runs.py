@@ -60,6 +60,7 @@ def test_run_layout_and_record(uninterrupted):
     record = json.loads((out / runs.RUN_FILE).read_text())
     assert record["complete"] and record["num_samples"] == 12 and record["batch_size"] == 2
     assert [s["first"] for s in record["shard_list"]] == [0, 2, 4, 6, 8, 10]
+
     def digest(path: Path) -> str:  # hashlib directly, not the code under test
         return hashlib.sha256(path.read_bytes()).hexdigest()
 

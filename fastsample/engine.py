@@ -25,6 +25,7 @@ import torch
 
 from . import netfns
 from . import sampler as solvers
+from .errors import InputError
 
 
 def kernel_available(device: torch.device | str) -> bool:
@@ -216,6 +217,8 @@ class FastEngine:
 
     def _static_loop(self, sampler, diffusion, noise, y, model_y, low_res, eta, scale, clip,
                      callback):  # fmt: skip
+        if eta < 0:
+            raise InputError(f"eta={eta}: expected >= 0")
         x_t = noise(0).float()
         key = (
             tuple(x_t.shape), sampler, diffusion, eta, scale, clip, y is not None,

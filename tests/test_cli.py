@@ -13,8 +13,7 @@ from fastsample.cli import main
 
 @pytest.mark.parametrize("stem", ["256x256_diffusion", "64x64_classifier"])
 def test_info_prints_parameters_flops_and_attention(stem):
-    if stem not in manifest_stems():
-        pytest.skip("checkpoint manifests not found")
+    assert stem in manifest_stems(), "checkpoint manifests missing from tests/data"
     m = load_manifest(stem)
     result = CliRunner().invoke(main, ["info", stem])
     assert result.exit_code == 0, result.output

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ._deprecation import renamed
 from .catalog import PRESETS, get_preset
 from .config import NetworkConfig, config_from_dict, config_to_dict
 from .errors import CheckpointError, InputError
@@ -89,7 +90,7 @@ def create_model(
     preset: str | NetworkConfig,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    kernels: Kernels = "auto",
+    kernels: Kernels | None = None,
     *,
     backend: str | None = None,
 ) -> _Network:
@@ -102,7 +103,7 @@ def create_model(
     it, else torch), "torch", "triton" or "onednn" (see fastsample.ops). backend: the old name
     of kernels (kept for one release).
     """
-    kernels = _kernels_argument(kernels, backend)
+    kernels = renamed("kernels", kernels, "backend", backend, "auto")
     config, name = _resolve(preset)
     with torch.device(device):
         model = network_class(config)(config)
@@ -110,19 +111,6 @@ def create_model(
     model.set_precision(dtype if dtype is not None else auto_dtype(config, device))
     model.set_kernels(kernels)
     return model.eval().requires_grad_(False)
-
-
-def _kernels_argument(kernels: str, backend: str | None) -> str:
-    if backend is None:
-        return kernels
-    warnings.warn(
-        "backend= is renamed kernels= (the old name goes in the next release)",
-        DeprecationWarning,
-        stacklevel=3,  # (the caller of create_model / load_model)
-    )
-    if kernels not in ("auto", backend):
-        raise InputError(f"backend={backend!r} and kernels={kernels!r}: give kernels= only")
-    return backend
 
 
 @functools.cache
@@ -327,7 +315,7 @@ def load_model(
     preset: str | NetworkConfig | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
-    kernels: Kernels = "auto",
+    kernels: Kernels | None = None,
     *,
     backend: str | None = None,
 ) -> _Network:
@@ -338,7 +326,7 @@ def load_model(
     it); float32, float16 or bfloat16 choose explicitly. kernels (and its old name backend): as
     for create_model.
     """
-    kernels = _kernels_argument(kernels, backend)
+    kernels = renamed("kernels", kernels, "backend", backend, "auto")
     path = Path(path)
     if not path.exists() and str(path) in PRESETS and PRESETS[str(path)].weights:
         # A preset whose weights ship with fastsample (the demo).

@@ -33,8 +33,10 @@ def _layout(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _spatial_ok(x: torch.Tensor) -> bool:
-    """The flattened spatial index must map to memory with one stride."""
-    if x.is_contiguous():
+    """The flattened spatial index must map to memory with one stride: always so for one
+    spatial dim (e.g. [N, C, T] tokens viewed from a channels-last map, as attention blocks
+    normalise them)."""
+    if x.ndim == 3 or x.is_contiguous():
         return True
     if x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
         return True

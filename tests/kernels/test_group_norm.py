@@ -103,6 +103,37 @@ def test_no_affine_and_plain_group_norm():
     assert rel_err(group_norm(x, 5, None, None), group_norm_reference(x, 5, None, None)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_view_of_a_channels_last_map(dtype):
+    # An attention block normalises x.reshape(N, C, H*W) of a channels-last map: strides
+    # (HWC, 1, C), one stride per dim. The kernel takes it as it is, forward and backward.
+    gen = torch.Generator().manual_seed(3)
+    x4 = (torch.randn(2, 16, 5, 6, generator=gen) * 2 + 0.5).to(dtype)
+    x4 = x4.to(DEVICE).contiguous(memory_format=torch.channels_last)
+    x = x4.reshape(2, 16, 30)
+    assert not x.is_contiguous()
+    inputs = (x, torch.randn(16, generator=gen).to(DEVICE), torch.randn(16, generator=gen).to(DEVICE),
+              None, None)  # fmt: skip
+    dy = torch.randn(x.shape, generator=gen).to(dtype).to(DEVICE)
+
+    def kernel(x, groups, w, b, eps, sc, sh, silu):
+        return group_norm(x, groups, w, b, eps=eps, silu=silu)
+
+    y, grads = _forward_backward(kernel, inputs, 8, True, dy)
+    assert y.stride() == x.stride()  # written in x's layout, not copied to another
+    as_float = [t.float() if t is not None else None for t in inputs]
+    want, want_grads = _forward_backward(group_norm_reference, as_float, 8, True, dy.float())
+    if dtype == torch.float32:
+        assert rel_err(y, want) < 1e-5
+        for g, r in zip(grads, want_grads, strict=True):
+            assert rel_err(g, r) < 1e-5
+        return
+    low, low_grads = _forward_backward(group_norm_reference, inputs, 8, True, dy)
+    assert_as_close_as_torch(y, low, want, "output")
+    for name, g, lg, r in zip(("x", "weight", "bias"), grads, low_grads, want_grads, strict=True):
+        assert_as_close_as_torch(g, lg, r, name)
+
+
 def test_custom_op_registration():
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(2, 8, 4, 4, generator=gen).to(DEVICE)

@@ -112,8 +112,8 @@ def test_token_view_of_a_channels_last_map(dtype):
     x4 = x4.to(DEVICE).contiguous(memory_format=torch.channels_last)
     x = x4.reshape(2, 16, 30)
     assert not x.is_contiguous()
-    inputs = (x, torch.randn(16, generator=gen).to(DEVICE), torch.randn(16, generator=gen).to(DEVICE),
-              None, None)  # fmt: skip
+    w, b = (torch.randn(16, generator=gen).to(DEVICE) for _ in range(2))
+    inputs = (x, w, b, None, None)
     dy = torch.randn(x.shape, generator=gen).to(dtype).to(DEVICE)
 
     def kernel(x, groups, w, b, eps, sc, sh, silu):

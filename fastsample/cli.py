@@ -426,5 +426,67 @@ def verify_cmd(directory, model, classifier, tolerance, seed) -> None:
     click.echo(f"PASSED: {len(checks)} checks")
 
 
+@main.command(
+    "doctor",
+    epilog="""\b
+Examples:
+  fastsample doctor                          # the table, to paste into a bug report
+  fastsample doctor --json report.json       # the table, and the same as JSON in a file
+  fastsample doctor --json                   # JSON only, on stdout
+  fastsample doctor --sizes 64 --runtimes onnxruntime   # time ONNX Runtime too (exports first)
+""",
+)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present).")
+@click.option(
+    "--sizes",
+    default="64,256",
+    show_default=True,
+    help="Image sizes of the presets to time one guided step at: 64, 128, 256, 512.",
+)
+@click.option(
+    "--runtimes",
+    default="eager",
+    show_default=True,
+    help="Runtimes to time, comma-separated, or all: eager (always timed), onnxruntime, "
+    "tensorrt, aoti (each exports first into a temporary cache: minutes on a CPU).",
+)
+@click.option(
+    "--json",
+    "json_out",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[PATH]",
+    help="Write the report as JSON to PATH (the table still goes to stdout), or alone: JSON "
+    "only, to stdout.",
+)
+@_one_line_errors
+def doctor_cmd(device, sizes, runtimes, json_out) -> None:
+    """Print the environment, check fastsample's paths on this machine (the GPU self-check, or
+    the CPU checks), time one guided step per size and runtime, and give a verdict. Exits 0 when
+    everything usable works, 1 naming what failed."""
+    from pathlib import Path
+
+    from . import doctor
+
+    if json_out not in (None, "-") and not Path(json_out).resolve().parent.is_dir():
+        raise InputError(f"--json {json_out}: no directory {Path(json_out).parent} to write it in")
+    report = doctor.diagnose(
+        device,
+        doctor.parse_sizes(sizes),
+        doctor.parse_runtimes(runtimes),
+        log=lambda line: click.echo(f"doctor: {line}", err=True),
+    )
+    if json_out == "-":
+        click.echo(json.dumps(report.to_json(), indent=1))
+    else:
+        if json_out is not None:
+            Path(json_out).write_text(json.dumps(report.to_json(), indent=1) + "\n")
+        click.echo(report.table())
+    if not report.ok:
+        click.echo(f"doctor: {report.verdict()}", err=True)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,533 @@
+"""`fastsample doctor`: one report of a machine that a user can paste into a bug report.
+
+It says what the machine has (versions, devices, runtimes), whether fastsample's paths work on it,
+and how long one classifier-guided sampling step takes at the released 64x64 and 256x256 presets
+(random weights, batch 1, the preset's guidance scale; the model, the classifier's gradient and
+the update) on each runtime asked for.
+
+- On CUDA the checks are the fast paths' own first-use self-check (`fastsample.selfcheck`): its
+  verdicts are forgotten first, so the timed guided steps check every component again on the
+  shape classes they run, and the verdicts are read back.
+- On the CPU there is no Triton path: the checks compare the onednn kernels with the torch kernels
+  (the reference's operations) at fp32 on the embedded demo networks, and sample a few guided
+  steps.
+
+A check that FAILED, or a runtime that is installed, asked for and fails, makes the verdict
+"FAILED" naming it; a runtime that is absent is reported, not failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import importlib
+import os
+import platform
+import re
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+
+from . import ops, selfcheck
+from .errors import InputError
+from .sampling import RUNTIMES
+from .selfcheck import Check
+
+SIZES = (64, 128, 256, 512)  # the released resolutions that come with a guidance classifier
+DEFAULT_SIZES = (64, 256)
+FP32_TOL = 1e-5  # onednn vs torch kernels: a few float32 ulps per layer (tests/test_onednn.py)
+SAMPLING_TOL = 1e-4  # after five guided DDIM steps (measured ~1e-6)
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass
+class Timing:
+    """One guided step of a preset on one runtime: ms per step (the median of `repeats` runs of
+    `steps` steps after a warm-up run that took first_s), or the note saying why it was not
+    timed; failed: the runtime was asked for, is installed, and broke."""
+
+    size: int | None
+    runtime: str
+    dtype: str = ""
+    ms: float | None = None
+    first_s: float | None = None
+    steps: int = 0
+    repeats: int = 0
+    peak_gib: float | None = None
+    note: str = ""
+    failed: bool = False
+
+
+@dataclasses.dataclass
+class Report:
+    device: str
+    environment: dict[str, str]
+    checks_title: str
+    checks: list[Check]
+    timings: list[Timing]
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> list[str]:
+        bad = [c.component + (f" ({c.shape_class})" if c.shape_class.strip("-") else "")
+               for c in self.checks if c.status == "FAILED"]  # fmt: skip
+        return bad + [f"{t.runtime} {t.size}x{t.size}" for t in self.timings if t.failed]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def verdict(self) -> str:
+        return "OK" if self.ok else "FAILED: " + ", ".join(self.failed)
+
+    def to_json(self) -> dict:
+        return {
+            "device": self.device,
+            "environment": self.environment,
+            "checks": {"title": self.checks_title, "records": [c.to_json() for c in self.checks]},
+            "timings": [dataclasses.asdict(t) for t in self.timings],
+            "failed": self.failed,
+            "ok": self.ok,
+            "verdict": self.verdict(),
+            "seconds": round(self.seconds, 1),
+        }
+
+    def table(self) -> str:
+        lines = [f"fastsample doctor ({self.device}, {self.seconds:.0f} s)", "", "environment"]
+        width = max(map(len, self.environment))
+        lines += [f"  {k:<{width}}  {v}" for k, v in self.environment.items()]
+        lines += ["", f"checks: {self.checks_title}"]
+        rows = [(c.component, c.shape_class, c.use, c.status + (" (cached)" if c.cached else ""),
+                 _pairs(c.err, "{:.1e}"), _pairs(c.ms, "{:.1f}")) for c in self.checks]  # fmt: skip
+        lines += _columns(("component", "shape class", "use", "status", "rel. error", "ms"), rows)
+        lines += [f"    {c.component}: {c.error}" for c in self.checks if c.error]
+        lines += ["", "one guided step (batch 1, random weights, DDIM, the preset's guidance "
+                  "scale; model + classifier gradient + update): ms per step after a first run "
+                  "(which exports, compiles, self-checks)"]  # fmt: skip
+        peak = any(t.peak_gib is not None for t in self.timings)
+        rows = []
+        for t in self.timings:
+            note = ("FAILED: " if t.failed else "" if t.ms is not None else "not timed: ") + t.note
+            rows.append((
+                f"{t.size}x{t.size}" if t.size else "-", t.runtime, t.dtype or "-",
+                "-" if t.ms is None else f"{t.ms:.1f}",
+                "-" if t.first_s is None else f"{t.first_s:.1f} s",
+                *(["-" if t.peak_gib is None else f"{t.peak_gib:.2f}"] if peak else []),
+                note,
+            ))  # fmt: skip
+        header = ("size", "runtime", "dtype", "ms/step", "first run",
+                  *(["peak GiB"] if peak else []), "")  # fmt: skip
+        lines += _columns(header, rows)
+        return "\n".join([*lines, "", f"verdict: {self.verdict()}"])
+
+
+def _pairs(values: dict[str, float], fmt: str) -> str:
+    return " / ".join(f"{k} {fmt.format(v)}" for k, v in values.items())
+
+
+def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return [
+        "  " + "  ".join(f"{v:<{w}}" for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
+
+
+# -- the options ------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The device to diagnose: cuda where torch sees a GPU, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: expected cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+            raise InputError(f"--device {device}: torch sees no CUDA GPU here (torch "
+                             f"{torch.__version__}, {build})")  # fmt: skip
+        if resolved.index is not None and resolved.index >= count:
+            raise InputError(f"--device {device}: torch sees {count} GPU(s), cuda:0..{count - 1}")
+    return resolved
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """'64,256' -> (64, 256): the image sizes to time."""
+    sizes: list[int] = []
+    for part in text.split(","):
+        if part.strip() not in {str(s) for s in SIZES}:
+            valid = ", ".join(map(str, SIZES))
+            raise InputError(
+                f"--sizes {text!r}: expected sizes among {valid}, comma-separated (e.g. 64,256)"
+            )
+        if int(part) not in sizes:
+            sizes.append(int(part))
+    return tuple(sizes)
+
+
+def parse_runtimes(text: str) -> tuple[str, ...]:
+    """'onnxruntime' -> ('eager', 'onnxruntime'): eager is always timed; 'all': every runtime."""
+    names = [p.strip() for p in text.split(",")]
+    if names == ["all"]:
+        return RUNTIMES
+    bad = [n for n in names if n not in RUNTIMES]
+    if bad:
+        raise InputError(f"--runtimes {text!r}: {bad[0]!r} is not a runtime; expected "
+                         f"{', '.join(RUNTIMES)} (comma-separated) or all")  # fmt: skip
+    return tuple(r for r in RUNTIMES if r == "eager" or r in names)
+
+
+# -- the environment --------------------------------------------------------------------------
+
+
+def _version(module: str) -> str:
+    """A module's version, "absent", or why importing it fails."""
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except ImportError:
+        return "absent"
+    except Exception as e:  # a broken install is worth a line of the report, not a crash
+        return f"broken ({type(e).__name__}: {e})"
+
+
+def _present(version: str) -> bool:
+    return version != "absent" and not version.startswith("broken")
+
+
+def _cpu_name() -> str:
+    try:
+        found = re.search(r"model name\s*:\s*(.+)", open("/proc/cpuinfo").read())
+        if found:
+            return found.group(1).strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    """The facts a bug report needs, as printable strings."""
+    from . import __version__
+
+    env = {
+        "fastsample": __version__,
+        "python": f"{platform.python_version()} ({platform.platform()})",
+        "torch": torch.__version__
+        + (f" (CUDA {torch.version.cuda} build)" if torch.version.cuda else " (CPU build)"),
+        "triton": _version("triton"),
+        "CUDA available": (
+            f"yes, {torch.cuda.device_count()} GPU(s)" if torch.cuda.is_available() else "no"
+        ),
+    }
+    if device.type == "cuda":
+        facts = selfcheck.environment(device)
+        env["GPU"] = (f"{facts['gpu']} (compute capability {facts['capability']}, driver "
+                      f"{facts['driver']}, CUDA {facts['cuda']})")  # fmt: skip
+        env["cuDNN"] = str(torch.backends.cudnn.version())
+    else:
+        env["GPU"] = "none"
+    found = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
+    env["oneDNN"] = ((f"v{found.group(1)}" if found else "present") if ops.onednn_available()
+                     else "absent (the torch kernels run on the CPU)")  # fmt: skip
+    env["CPU"] = (f"{_cpu_name()}, {torch.backends.cpu.get_cpu_capability()}, "
+                  f"{torch.get_num_threads()} threads of {os.cpu_count()} CPUs")  # fmt: skip
+    env["onnx"] = _version("onnx")
+    env["onnxruntime"] = _version("onnxruntime")
+    if _present(env["onnxruntime"]):
+        import onnxruntime
+
+        env["onnxruntime"] += f" ({', '.join(onnxruntime.get_available_providers())})"
+    env["TensorRT"] = _version("tensorrt")
+    env[selfcheck.FORCE_ENV] = os.environ.get(selfcheck.FORCE_ENV) or "unset"
+    return env
+
+
+def runtime_problem(runtime: str, device: torch.device) -> str | None:
+    """Why a runtime cannot run on the device (None: it can)."""
+    if runtime == "eager":
+        return None
+    if runtime in ("onnxruntime", "tensorrt"):
+        for module in ("onnx", "onnxscript"):
+            if not _present(_version(module)):
+                return f"{module} {_version(module)} (pip install 'fastsample[onnx]')"
+    if runtime == "onnxruntime":
+        ort = _version("onnxruntime")
+        if not _present(ort):
+            return f"onnxruntime {ort} (pip install 'fastsample[onnx]')"
+        if device.type == "cuda":
+            import onnxruntime
+
+            providers = onnxruntime.get_available_providers()
+            if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(providers):
+                return "ONNX Runtime has no CUDA provider (pip install 'fastsample[onnx-gpu]')"
+    if runtime == "tensorrt":
+        trt = _version("tensorrt")
+        if not _present(trt):
+            return f"TensorRT {trt}"
+        if device.type != "cuda":
+            return "TensorRT runs on CUDA GPUs only"
+    if runtime == "aoti":
+        if not hasattr(importlib.import_module("torch._inductor"), "aoti_compile_and_package"):
+            return f"torch {torch.__version__} has no AOTInductor packaging"
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+            return "no C++ compiler (AOTInductor compiles the graphs)"
+    return None
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| relative to max |expected|."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def _against_torch(component: str, shape_class: str, run, tol: float) -> Check:
+    """run(kernels) on the onednn kernels against run("torch"), timed after a warm-up (oneDNN
+    packs the weights on first use)."""
+    out, ms = {}, {}
+    for kernels in ("onednn", "torch"):
+        run(kernels)
+        start = time.perf_counter()
+        out[kernels] = run(kernels)
+        ms[kernels] = (time.perf_counter() - start) * 1e3
+    err = _rel_err(out["onednn"], out["torch"])
+    if bool(torch.isfinite(out["onednn"]).all()) and err <= tol:
+        return Check(component, shape_class, "onednn", "ok", err={"onednn": err}, ms=ms)
+    error = f"relative error {err:.1e} > {tol:.0e}" if err == err else "non-finite output"
+    return Check(component, shape_class, "onednn", "FAILED", error, {"onednn": err}, ms)
+
+
+def _inputs(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 1, 32, 32, generator=gen), torch.tensor([10, 900]), torch.tensor([3, 7])
+
+
+def _unet_run(unet, clf):
+    x, t, y = _inputs(0)
+
+    def run(kernels):
+        with torch.no_grad():
+            return unet.set_kernels(kernels)(x, t, y)
+
+    return run
+
+
+def _guidance_run(unet, clf):
+    from .netfns import guidance_fn
+
+    x, t, y = _inputs(1)
+    return lambda kernels: guidance_fn(clf.set_kernels(kernels), y)(x, t)
+
+
+def _winograd_run(unet, clf):
+    """A 3x3 convolution of the shape class the onednn kernels compute by Winograd F(2x2, 3x3)
+    (wide 32x32 maps, as at the 256x256 networks' 32x32 level)."""
+    from .unet import Conv2d
+
+    gen = torch.Generator().manual_seed(2)
+    conv = Conv2d(384, 384, 3, padding=1).requires_grad_(False)
+    conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / 60)
+    x = torch.randn(1, 384, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
+
+    def run(kernels):
+        with torch.no_grad():
+            return ops.conv2d(conv, x, kernels)
+
+    return run
+
+
+def _sampling_run(unet, clf):
+    """Five guided DDIM steps of the demo, the CPU's default path (eager loop, onednn)."""
+    from .catalog import DEMO_UNET, PRESETS
+    from .sampling import sample
+
+    preset = PRESETS[DEMO_UNET]
+    diffusion, scale = preset.diffusion.respaced("ddim5"), preset.classifier_scale
+
+    def run(kernels):
+        unet.set_kernels(kernels), clf.set_kernels(kernels)
+        return sample(unet, diffusion, (2, 1, 32, 32), y=torch.tensor([3, 7]), sampler="ddim",
+                      classifier=clf, guidance_scale=scale, seed=[0, 1])  # fmt: skip
+
+    return run
+
+
+# component, shape class, tolerance, run(unet, clf) -> run(kernels)
+CPU_CHECKS = (
+    ("onednn unet", "demo-mnist 32x32 b2 fp32", FP32_TOL, _unet_run),
+    ("onednn classifier gradient", "demo-mnist-classifier 32x32 b2 fp32", FP32_TOL,
+     _guidance_run),
+    ("onednn conv 3x3 (Winograd)", "384 ch 32x32 b1 fp32", FP32_TOL, _winograd_run),
+    ("guided sampling", "demo-mnist ddim5 b2 fp32", SAMPLING_TOL, _sampling_run),
+)  # fmt: skip
+
+
+def cpu_checks(log: Log | None = None) -> list[Check]:
+    """The CPU's checks, each the onednn kernels against the torch kernels on the embedded demo
+    networks (seconds in all); a check that raises FAILED with its error."""
+    from .catalog import DEMO_CLASSIFIER, DEMO_UNET
+    from .checkpoint import load_model
+
+    unet, clf = load_model(DEMO_UNET), load_model(DEMO_CLASSIFIER)
+    checks = []
+    for component, shape_class, tol, make in CPU_CHECKS:
+        if not ops.onednn_available():
+            note = "oneDNN absent: the torch kernels run, nothing to compare"
+            checks.append(Check(component, shape_class, "torch", "ok", note))
+            continue
+        try:
+            checks.append(_against_torch(component, shape_class, make(unet, clf), tol))
+        except Exception as e:  # a crash of a checked path is its failure, reported with the rest
+            checks.append(Check(component, shape_class, "onednn", "FAILED",
+                                f"{type(e).__name__}: {e}"))  # fmt: skip
+        if log:
+            log(f"check: {component}: {checks[-1].status}")
+    return checks
+
+
+# -- the timings ------------------------------------------------------------------------------
+
+
+def time_guided_step(size: int, runtime: str, device: torch.device) -> Timing:
+    """One guided step of the {size}x{size} preset and its classifier (random weights, auto
+    precision, batch 1) through `Pipeline` on its device's default path, after a warm-up run that
+    exports, compiles, self-checks and captures as a first run does."""
+    cuda = device.type == "cuda"
+    steps, repeats = (10, 3) if cuda else (1, 1)  # a CPU step takes seconds
+    timing = Timing(size, runtime, steps=steps, repeats=repeats)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            seconds = _guided_runs(size, runtime, device, steps, repeats, timing)
+            timing.first_s = seconds[0]
+            timing.ms = statistics.median(seconds[1:]) / steps * 1e3
+            if cuda:
+                timing.peak_gib = torch.cuda.max_memory_allocated(device) / 2**30
+        notes = [str(w.message).splitlines()[0] for w in caught
+                 if not issubclass(w.category, DeprecationWarning)]  # fmt: skip
+        timing.note = "; ".join(dict.fromkeys(notes))
+    except Exception as e:  # the runtime was asked for and is installed: its failure is reported
+        timing.failed = True
+        timing.note = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+    finally:
+        gc.collect()  # the networks of this size go before the next are built
+        if cuda:
+            torch.cuda.empty_cache()
+    return timing
+
+
+def _guided_runs(size, runtime, device, steps, repeats, timing) -> list[float]:
+    """Seconds of the warm-up run and of each timed run of `steps` guided steps."""
+    from .catalog import PRESETS
+    from .checkpoint import create_model
+    from .pipeline import Pipeline
+
+    preset = PRESETS[f"{size}x{size}_diffusion"]
+    model = create_model(preset.name, device)
+    timing.dtype = str(model.dtype).replace("torch.float", "fp").replace("torch.", "")
+    classifier = create_model(preset.classifier, device)
+    pipe = Pipeline(model, preset.diffusion, classifier, device=device, runtime=runtime)
+    seconds = []
+    for _ in range(1 + repeats):
+        start = time.perf_counter()
+        pipe.generate(
+            1, batch_size=1, classes=0, sampler="ddim", steps=str(steps), seed=0, progress=False
+        )  # fmt: skip  (returns numpy: synchronized)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _timings(device: torch.device, sizes: Iterable[int], runtimes: Iterable[str],
+             log: Log | None) -> list[Timing]:  # fmt: skip
+    """Every asked runtime at every size (exports into a temporary cache, removed after), and a
+    row for each runtime not asked saying why."""
+    timings = []
+    for runtime in RUNTIMES:
+        problem = runtime_problem(runtime, device)
+        if runtime not in runtimes or problem:
+            where = "minutes on a CPU" if device.type == "cpu" else "minutes"
+            note = problem or (f"needs an export first ({where}); --runtimes {runtime} times it")
+            timings.append(Timing(None, runtime, note=note))
+            continue
+        for size in sizes:
+            if log:
+                log(f"timing: {size}x{size} {runtime}")
+            if runtime == "eager":
+                timings.append(time_guided_step(size, runtime, device))
+                _log_timing(timings[-1], log)
+                continue
+            # Random weights: their export is of no later use, so it goes into a cache of its own.
+            with tempfile.TemporaryDirectory(prefix="fastsample-doctor-") as cache:
+                previous = os.environ.get("FASTSAMPLE_CACHE")
+                os.environ["FASTSAMPLE_CACHE"] = cache
+                try:
+                    timings.append(time_guided_step(size, runtime, device))
+                finally:
+                    if previous is None:
+                        del os.environ["FASTSAMPLE_CACHE"]
+                    else:
+                        os.environ["FASTSAMPLE_CACHE"] = previous
+            _log_timing(timings[-1], log)
+    return timings
+
+
+def _log_timing(t: Timing, log: Log | None) -> None:
+    """Each figure as it comes (a run cut at its time limit still leaves them in its log)."""
+    if log is None:
+        return
+    if t.ms is None:
+        log(f"{t.size}x{t.size} {t.runtime}: FAILED: {t.note}")
+    else:
+        log(f"{t.size}x{t.size} {t.runtime}: {t.ms:.1f} ms/step, first run {t.first_s:.1f} s")
+
+
+def _gpu_title(device: torch.device, checks: list[Check]) -> str:
+    forced = os.environ.get(selfcheck.FORCE_ENV, "").strip()
+    if forced == "torch":
+        return f"{selfcheck.FORCE_ENV}=torch: the fast paths are off, PyTorch's ops run"
+    if forced == "triton":
+        return f"{selfcheck.FORCE_ENV}=triton: the Triton kernels run unchecked"
+    if not ops.triton_available():
+        return "Triton absent: PyTorch's ops run (pip install 'fastsample[triton]')"
+    title = f"self-check of the fast paths on {torch.cuda.get_device_name(device)}"
+    return title if checks else title + ": no verdict was recorded"
+
+
+def diagnose(device: str | None = None, sizes: Iterable[int] = DEFAULT_SIZES,
+             runtimes: Iterable[str] = ("eager",), log: Log | None = None) -> Report:  # fmt: skip
+    """Environment, checks and timings of one device (default: cuda if present, else cpu)."""
+    start = time.perf_counter()
+    device = resolve_device(device)
+    sizes, runtimes = tuple(sizes), tuple(runtimes)
+    env = environment(device)
+    checks: list[Check] = []
+    try:
+        selfcheck.forced()
+    except InputError as e:  # every "auto" run would refuse: the report names it
+        checks.append(Check(selfcheck.FORCE_ENV, "-", "-", "FAILED", str(e)))
+    if device.type == "cuda":
+        selfcheck.reset(device)  # the timed steps below check every component again
+        timings = _timings(device, sizes, runtimes, log)
+        checks += selfcheck.decisions(device)
+        title = _gpu_title(device, checks)
+    else:
+        if log:
+            log("no GPU: CPU checks")
+        checks += cpu_checks(log)
+        title = "no GPU: CPU checks (onednn kernels vs the torch kernels, fp32)"
+        timings = _timings(device, sizes, runtimes, log)
+    return Report(str(device), env, title, checks, timings, time.perf_counter() - start)

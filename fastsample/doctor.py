@@ -106,9 +106,12 @@ class Report:
                  _pairs(c.err, "{:.1e}"), _pairs(c.ms, "{:.1f}")) for c in self.checks]  # fmt: skip
         lines += _columns(("component", "shape class", "use", "status", "rel. error", "ms"), rows)
         lines += [f"    {c.component}: {c.error}" for c in self.checks if c.error]
-        lines += ["", "one guided step (batch 1, random weights, DDIM, the preset's guidance "
-                  "scale; model + classifier gradient + update): ms per step after a first run "
-                  "(which exports, compiles, self-checks)"]  # fmt: skip
+        lines += [
+            "",
+            "one guided step: model, classifier gradient and update (batch 1, random weights, "
+            "DDIM at the preset's guidance scale)",
+            "first run: the warm-up, with any export, compilation and self-check",
+        ]
         peak = any(t.peak_gib is not None for t in self.timings)
         rows = []
         for t in self.timings:
@@ -142,9 +145,10 @@ def _columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """The device to diagnose: cuda where torch sees a GPU, else cpu."""
+    """The device to diagnose: cuda where torch sees a GPU, else cpu. A GPU is named with its
+    index, as its tensors' devices are (the self-check keeps verdicts per tensor device)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
@@ -157,7 +161,9 @@ def resolve_device(device: str | None) -> torch.device:
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
             raise InputError(f"--device {device}: torch sees no CUDA GPU here (torch "
                              f"{torch.__version__}, {build})")  # fmt: skip
-        if resolved.index is not None and resolved.index >= count:
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+        if resolved.index >= count:
             raise InputError(f"--device {device}: torch sees {count} GPU(s), cuda:0..{count - 1}")
     return resolved
 
@@ -306,7 +312,9 @@ def _against_torch(component: str, shape_class: str, run, tol: float) -> Check:
     if bool(torch.isfinite(out["onednn"]).all()) and err <= tol:
         return Check(component, shape_class, "onednn", "ok", err={"onednn": err}, ms=ms)
     error = f"relative error {err:.1e} > {tol:.0e}" if err == err else "non-finite output"
-    return Check(component, shape_class, "onednn", "FAILED", error, {"onednn": err}, ms)
+    return Check(
+        component, shape_class, "onednn", "FAILED", error=error, err={"onednn": err}, ms=ms
+    )
 
 
 def _inputs(seed: int):
@@ -385,13 +393,13 @@ def cpu_checks(log: Log | None = None) -> list[Check]:
     for component, shape_class, tol, make in CPU_CHECKS:
         if not ops.onednn_available():
             note = "oneDNN absent: the torch kernels run, nothing to compare"
-            checks.append(Check(component, shape_class, "torch", "ok", note))
+            checks.append(Check(component, shape_class, "torch", "ok", error=note))
             continue
         try:
             checks.append(_against_torch(component, shape_class, make(unet, clf), tol))
         except Exception as e:  # a crash of a checked path is its failure, reported with the rest
-            checks.append(Check(component, shape_class, "onednn", "FAILED",
-                                f"{type(e).__name__}: {e}"))  # fmt: skip
+            error = f"{type(e).__name__}: {e}"
+            checks.append(Check(component, shape_class, "onednn", "FAILED", error=error))
         if log:
             log(f"check: {component}: {checks[-1].status}")
     return checks
@@ -453,8 +461,8 @@ def _guided_runs(size, runtime, device, steps, repeats, timing) -> list[float]:
 
 def _timings(device: torch.device, sizes: Iterable[int], runtimes: Iterable[str],
              log: Log | None) -> list[Timing]:  # fmt: skip
-    """Every asked runtime at every size (exports into a temporary cache, removed after), and a
-    row for each runtime not asked saying why."""
+    """Every asked runtime at every size, and a row for each other runtime saying why not; each
+    figure logged as it comes (a run cut at its time limit still leaves them in its log)."""
     timings = []
     for runtime in RUNTIMES:
         problem = runtime_problem(runtime, device)
@@ -466,33 +474,31 @@ def _timings(device: torch.device, sizes: Iterable[int], runtimes: Iterable[str]
         for size in sizes:
             if log:
                 log(f"timing: {size}x{size} {runtime}")
-            if runtime == "eager":
-                timings.append(time_guided_step(size, runtime, device))
-                _log_timing(timings[-1], log)
-                continue
-            # Random weights: their export is of no later use, so it goes into a cache of its own.
-            with tempfile.TemporaryDirectory(prefix="fastsample-doctor-") as cache:
-                previous = os.environ.get("FASTSAMPLE_CACHE")
-                os.environ["FASTSAMPLE_CACHE"] = cache
-                try:
-                    timings.append(time_guided_step(size, runtime, device))
-                finally:
-                    if previous is None:
-                        del os.environ["FASTSAMPLE_CACHE"]
-                    else:
-                        os.environ["FASTSAMPLE_CACHE"] = previous
-            _log_timing(timings[-1], log)
+            timing = (time_guided_step if runtime == "eager" else _exported_step)(
+                size, runtime, device
+            )
+            timings.append(timing)
+            if log and timing.failed:
+                log(f"{size}x{size} {runtime}: FAILED: {timing.note}")
+            elif log:
+                log(f"{size}x{size} {runtime}: {timing.ms:.1f} ms/step, first run "
+                    f"{timing.first_s:.1f} s")  # fmt: skip
     return timings
 
 
-def _log_timing(t: Timing, log: Log | None) -> None:
-    """Each figure as it comes (a run cut at its time limit still leaves them in its log)."""
-    if log is None:
-        return
-    if t.ms is None:
-        log(f"{t.size}x{t.size} {t.runtime}: FAILED: {t.note}")
-    else:
-        log(f"{t.size}x{t.size} {t.runtime}: {t.ms:.1f} ms/step, first run {t.first_s:.1f} s")
+def _exported_step(size: int, runtime: str, device: torch.device) -> Timing:
+    """time_guided_step with the export in a temporary cache: random weights' graphs are of no
+    later use, and nothing is left behind."""
+    previous = os.environ.get("FASTSAMPLE_CACHE")
+    with tempfile.TemporaryDirectory(prefix="fastsample-doctor-") as cache:
+        os.environ["FASTSAMPLE_CACHE"] = cache
+        try:
+            return time_guided_step(size, runtime, device)
+        finally:
+            if previous is None:
+                del os.environ["FASTSAMPLE_CACHE"]
+            else:
+                os.environ["FASTSAMPLE_CACHE"] = previous
 
 
 def _gpu_title(device: torch.device, checks: list[Check]) -> str:
@@ -518,7 +524,7 @@ def diagnose(device: str | None = None, sizes: Iterable[int] = DEFAULT_SIZES,
     try:
         selfcheck.forced()
     except InputError as e:  # every "auto" run would refuse: the report names it
-        checks.append(Check(selfcheck.FORCE_ENV, "-", "-", "FAILED", str(e)))
+        checks.append(Check(selfcheck.FORCE_ENV, "-", "-", "FAILED", error=str(e)))
     if device.type == "cuda":
         selfcheck.reset(device)  # the timed steps below check every component again
         timings = _timings(device, sizes, runtimes, log)

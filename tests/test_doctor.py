@@ -140,6 +140,7 @@ def test_an_installed_runtime_that_fails_is_named_and_its_export_cache_removed(m
 def _fake_gpu(monkeypatch, decisions, calls):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "Fake GPU 80GB")
     monkeypatch.setattr(ops, "triton_available", lambda: True)
     monkeypatch.setattr(doctor, "environment", lambda d: {"GPU": "Fake GPU 80GB"})
@@ -162,7 +163,7 @@ GPU_CHECKS = [
     Check("group_norm", "fp16 [1,256,64,64] channels_last", "triton", "ok",
           err={"triton": 2e-4, "torch": 3e-4}, ms={"triton": 0.02, "torch": 0.05}),
     Check("attention", "fp16 T=256 D=64 fwd+bwd", "sdpa", "FAILED",
-          "relative error 3.1e-01 > 3 x torch's 2.0e-04", {"triton": 0.31, "sdpa": 2e-4}),
+          error="relative error 3.1e-01 > 3 x torch's 2.0e-04", err={"triton": 0.31, "sdpa": 2e-4}),
     Check("cuda_graph", "b1 64x64 ddim", "graph", "ok", ms={"graph": 5.0, "eager": 9.0}),
 ]  # fmt: skip
 
@@ -171,8 +172,8 @@ def test_gpu_branch_resets_the_self_check_times_then_reports_its_verdicts(monkey
     calls = []
     _fake_gpu(monkeypatch, GPU_CHECKS, calls)
     report = doctor.diagnose(None, (64, 256), ("eager",))
-    assert report.device == "cuda"
-    assert calls[0] == ("reset", "cuda") and calls[-1] == ("read", "cuda")
+    assert report.device == "cuda:0"  # as its tensors name it: the self-check's key
+    assert calls[0] == ("reset", "cuda:0") and calls[-1] == ("read", "cuda:0")
     assert [c for c in calls if c[0] == "time"] == [("time", 64, "eager"), ("time", 256, "eager")]
     assert report.checks_title == "self-check of the fast paths on Fake GPU 80GB"
     assert report.failed == ["attention (fp16 T=256 D=64 fwd+bwd)"]

@@ -4,9 +4,18 @@ Per step: the model and the guidance gradient (parameters frozen, no recomputati
 classifier's attention pool computing only its first query) run concurrently on two CUDA
 streams, and one fused Triton kernel (`fastsample.kernels.sampler_step`) does the whole update.
 On CUDA the step is captured once per request shape (batch shape, sampler, schedule, guidance) in
-a CUDA graph and replayed for every step of every later batch of that shape: the step index, the
-noise, x_t, the multistep history, the labels and low-resolution inputs live in static device
-buffers, so a replay costs one launch.
+a CUDA graph and replayed for every later step of every later batch of that shape: the step
+index, the noise, x_t, the multistep history, the labels and low-resolution inputs live in static
+device buffers, so a replay costs one launch. The first two steps of a new shape run eagerly (they
+warm up the allocator, cuDNN and Triton's compilation, and are real steps), the graph is captured
+at the third.
+
+The fast components check themselves on first use (`fastsample.selfcheck`): the fused update
+against the eager update, and the first replay of a graph against an eager step from the same
+state; a component that fails is disabled with one warning, and the verdict (with the measured
+eager step, replay and capture times) is cached on disk. A shape other than the engine's first
+(a run's last, smaller batch) is captured only where those times say capturing pays within one
+batch.
 
 `fused_update` is the kernel as an `update` for `fastsample.sampler.run`, the eager solvers'
 loop. `FastEngine` runs its static-buffer loop wherever the kernel runs (CUDA; the CPU only under
@@ -19,11 +28,12 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 
-from . import netfns
+from . import netfns, selfcheck
 from . import sampler as solvers
 from .errors import InputError
 
@@ -79,9 +89,13 @@ class FastEngine:
     model, classifier: the eager networks; the engine never changes them: it samples with
     `prepared_copy`s that share their weights. Rebuild the engine after changing the weights
     in place. compile: torch.compile the copies. cuda_graphs / streams: on CUDA only.
+    self_check: check the fused update and the graphs on first use (`fastsample.selfcheck`);
+    None: on CUDA, unless FASTSAMPLE_KERNELS forces a choice ("torch": the eager update,
+    "triton": the fused one unchecked).
     """
 
     MAX_SHAPES = 4  # request shapes whose buffers (and captured graphs) are kept
+    WARMUP_STEPS = 2  # eager steps of a new shape before its graph is captured
 
     def __init__(
         self,
@@ -92,6 +106,7 @@ class FastEngine:
         compile: bool = False,
         cuda_graphs: bool = True,
         streams: bool = True,
+        self_check: bool | None = None,
     ):
         self.device = next(model.parameters()).device
         cuda = self.device.type == "cuda"
@@ -107,9 +122,15 @@ class FastEngine:
         )  # fmt: skip
         self.cuda_graphs = cuda and cuda_graphs
         self.streams = cuda and streams
+        forced = selfcheck.forced()
+        self.self_check = (cuda and forced is None) if self_check is None else bool(self_check)
+        self.fused = forced != "torch"  # the fused update (where the kernel runs)
         # Created once: no stream is created while a graph is being captured.
         self._side = torch.cuda.Stream(self.device) if self.streams else None
+        self._warm = torch.cuda.Stream(self.device) if self.cuda_graphs else None
         self._static: dict[tuple, _Static] = {}  # per request shape (see sample)
+        self._params = sum(p.numel() for p in self.model.parameters())
+        self._dtype = next(self.model.parameters()).dtype
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -129,7 +150,7 @@ class FastEngine:
         shape reuse them and, on CUDA, replay the step graph captured for the first."""
         guided = self.classifier is not None and guidance_scale != 0
         with torch.no_grad():
-            if kernel_available(self.device):
+            if self._fused_update(sampler, diffusion, noise, guided, eta, clip_denoised):
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
                                          model_y, low_res, float(eta), float(guidance_scale),
                                          bool(clip_denoised), callback)  # fmt: skip
@@ -138,6 +159,24 @@ class FastEngine:
                 guidance=self.guidance_fn(y) if guided else None, guidance_scale=guidance_scale,
                 eta=eta, clip_denoised=clip_denoised, callback=callback,
             )  # fmt: skip
+
+    def _fused_update(self, sampler, diffusion, noise, guided, eta, clip) -> bool:
+        """Whether this request runs the fused update on static buffers (else the eager loop):
+        where the kernel runs, not forced off, and (when self-checking) correct and faster for
+        this shape class."""
+        if not (self.fused and kernel_available(self.device)):
+            return False
+        if not self.self_check:
+            return True
+        solver = solvers.get_solver(sampler)
+        if eta < 0:
+            raise InputError(f"eta={eta}: expected >= 0")
+        use = selfcheck.fused_update_choice(
+            solver, solver.tables(diffusion, self.device, float(eta)),
+            solvers.Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip)),
+            tuple(noise(0).shape), self.device, guided, solver.adds_noise(float(eta)),
+        )  # fmt: skip
+        return use == "fused"
 
     def _step_body(self, st: _Static, x: torch.Tensor) -> None:
         """One step on static buffers: t from the device step index, the model and the
@@ -199,21 +238,87 @@ class FastEngine:
         )
         st.model = self.model_fn(st.model_y, st.low_res)
         st.guidance = self.guidance_fn(st.y) if st.y is not None else None
+        if self._model is not self.model:
+            # torch.compile traces the kernel choices in: make them (the self-checks run) with
+            # one uncompiled call first.
+            t = st.tables["t_model"][-1:].expand(shape[0])
+            netfns.model_fn(self.model, st.model_y, st.low_res, layout=self._layout)(st.x, t)
+            if st.y is not None:
+                netfns.guidance_fn(self.classifier, st.y, layout=self._layout)(st.x, t)
         if self.cuda_graphs:
-            # Warm up on a side stream (allocator, cuDNN plans, autotuning), then capture once.
-            warm = torch.cuda.Stream(device)
-            warm.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(warm):
-                for _ in range(2):
-                    self._step_body(st, st.x.clone())
-            torch.cuda.current_stream(device).wait_stream(warm)
-            st.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(st.graph):
-                self._step_body(st, st.x)
+            st.graph_class = selfcheck.graph_class(solver.name, tuple(shape), self._dtype,
+                                                   self._params, st.y is not None)  # fmt: skip
+            st.verdict = selfcheck.cached("cuda_graph", st.graph_class, device)
+            st.capture_at = self._capture_step(st.verdict, diffusion.num_steps,
+                                               first=not self._static)  # fmt: skip
         while len(self._static) >= self.MAX_SHAPES:  # the oldest goes (dicts keep order)
             self._static.pop(next(iter(self._static)))
         self._static[key] = st
         return st
+
+    def _capture_step(self, verdict: selfcheck.Check | None, num_steps: int, first: bool) -> int:
+        """The step k at which a new shape's graph is captured (0: never): after the warm-up
+        steps, where steps are left to replay and no cached verdict says the graph is wrong
+        or slower. A shape after the engine's first (a run's last, smaller batch, seen once)
+        is captured only where the measured times say it pays within one batch: the steps left
+        times what a replay saves over an eager step, against the capture."""
+        left = num_steps - self.WARMUP_STEPS
+        if left <= 1 or (verdict is not None and verdict.use != "graph"):
+            return 0
+        ms = verdict.ms if verdict is not None else {}
+        if not first and {"eager", "graph", "capture"} <= set(ms):
+            if left * (ms["eager"] - ms["graph"]) <= ms["capture"]:
+                return 0
+        return self.WARMUP_STEPS + 1
+
+    def _capture(self, st: _Static):
+        """Record one step on the static buffers (CUDA graph)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step_body(st, st.x)
+        return graph
+
+    def _eager_step(self, st: _Static) -> None:
+        """One step outside a graph; before a capture on the warm-up stream (libraries set
+        themselves up on the stream they first run on)."""
+        if self._warm is None:
+            self._step_body(st, st.x)
+            return
+        current = torch.cuda.current_stream(self.device)
+        self._warm.wait_stream(current)
+        with torch.cuda.stream(self._warm):
+            self._step_body(st, st.x)
+        current.wait_stream(self._warm)
+
+    def _capture_and_step(self, st: _Static) -> None:
+        """Step k = capture_at: capture the step, replay it, and (the first time on this
+        machine, when self-checking) compare that replay with an eager step from the same state,
+        keeping the eager result and dropping the graph where they disagree."""
+        check = self.self_check and st.verdict is None
+        state = [t for t in (st.x, st.history) if t is not None]
+        saved = [t.clone() for t in state]
+        ms: dict[str, float] = {}
+        if check:
+            with _stopwatch(self.device, ms, "eager"):
+                self._eager_step(st)
+            eager = [t.clone() for t in (st.x, st.x0, st.history) if t is not None]
+            for t, v in zip(state, saved, strict=True):
+                t.copy_(v)
+        with _stopwatch(self.device, ms, "capture"):
+            st.graph = self._capture(st)
+        with _stopwatch(self.device, ms, "graph"):
+            st.graph.replay()
+        if not check:
+            return
+        replayed = [t for t in (st.x, st.x0, st.history) if t is not None]
+        verdict = selfcheck.graph_verdict(st.graph_class, self._dtype, tuple(replayed),
+                                          tuple(eager), ms)  # fmt: skip
+        selfcheck.record(verdict, self.device)
+        st.verdict = verdict
+        if verdict.use != "graph":
+            st.graph = None
+            for t, v in zip(replayed, eager, strict=True):
+                t.copy_(v)
 
     def _static_loop(self, sampler, diffusion, noise, y, model_y, low_res, eta, scale, clip,
                      callback):  # fmt: skip
@@ -243,8 +348,12 @@ class FastEngine:
                     st.z.copy_(fresh)
             if st.graph is not None:
                 st.graph.replay()
+            elif k == st.capture_at:
+                self._capture_and_step(st)
+                if st.graph is None:
+                    st.capture_at = 0  # eager from now on
             else:
-                self._step_body(st, st.x)
+                self._eager_step(st)
             if callback is not None:
                 callback(k, st.x.clone(), st.x0.clone())
         return st.x.clone()
@@ -271,3 +380,31 @@ class _Static:
     model: netfns.ModelFn | None = None
     guidance: netfns.GuidanceFn | None = None
     graph: torch.cuda.CUDAGraph | None = None
+    graph_class: str = ""
+    capture_at: int = 0  # the step k at which the graph is captured (0: never)
+    verdict: selfcheck.Check | None = None  # the graph's self-check verdict, once known
+
+
+class _stopwatch:
+    """Times a block into ms[name]: CUDA events on CUDA (synchronising at the end), else the
+    wall clock."""
+
+    def __init__(self, device: torch.device, ms: dict[str, float], name: str):
+        self.device, self.ms, self.name = device, ms, name
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            self.events[0].record()
+        else:
+            self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.events[1].record()
+            self.events[1].synchronize()
+            self.ms[self.name] = self.events[0].elapsed_time(self.events[1])
+        else:
+            self.ms[self.name] = (time.perf_counter() - self.start) * 1e3
+        return False

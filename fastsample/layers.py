@@ -88,6 +88,7 @@ class GroupNorm32(nn.GroupNorm):
             shift=shift,
             silu=silu,
             kernels=self._kernels.on(x.device),
+            checked=self._kernels.checked(x.device),
         )
 
 
@@ -231,7 +232,8 @@ class AttentionBlock(nn.Module):
         if kernels == "onednn" and ops.onednn_eligible(x):
             return self._tokens(x)
         x = x.reshape(n, c, -1)  # [N, C, T]
-        h = ops.qkv_attention(self.qkv(self.norm(x)), self.heads, self.order, kernels=kernels)
+        h = ops.qkv_attention(self.qkv(self.norm(x)), self.heads, self.order, kernels=kernels,
+                              checked=self._kernels.checked(x.device))  # fmt: skip
         return (x + self.proj_out(h)).reshape(n, c, *spatial)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -274,5 +276,6 @@ class AttentionPool2d(nn.Module):
         qkv = self.qkv_proj(x)
         kernels = self._kernels.on(x.device)
         queries = 1 if kernels == "triton" or self.first_query_only else None
-        out = ops.qkv_attention(qkv, self.heads, "new", queries=queries, kernels=kernels)
+        out = ops.qkv_attention(qkv, self.heads, "new", queries=queries, kernels=kernels,
+                                checked=self._kernels.checked(x.device))  # fmt: skip
         return self.c_proj(out)[:, :, 0]

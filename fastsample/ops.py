@@ -26,8 +26,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fastsample.kernels.reference import attention_reference, group_norm_reference
+from fastsample.kernels.reference import attention_reference, group_norm_reference, split_qkv
 
+from . import selfcheck
 from .errors import InputError
 
 Kernels = Literal["auto", "torch", "triton", "onednn"]  # "auto": chosen per device
@@ -48,12 +49,22 @@ def onednn_available() -> bool:
 
 
 def resolve_kernels(name: str, device: torch.device | str) -> str:
-    """ "auto" -> "triton" on CUDA where Triton is installed, "onednn" on the CPU where torch has
-    it, else "torch"; checks the others."""
+    """ "auto" -> "triton" on CUDA where Triton is installed (checked per shape class: see
+    `KernelChoice.checked`), "onednn" on the CPU where torch has it, else "torch";
+    FASTSAMPLE_KERNELS=torch makes it "torch" everywhere, =triton the unchecked Triton kernels
+    on CUDA. Checks the others."""
     device = torch.device(device)
     if name == "auto":
+        forced = selfcheck.forced()
+        if forced == "torch":
+            return "torch"
         # (on the CPU without importing Triton at all)
         if device.type == "cuda":
+            if forced == "triton" and not triton_available():
+                raise InputError(
+                    f"{selfcheck.FORCE_ENV}=triton: Triton is not installed "
+                    "(pip install 'fastsample[triton]')"
+                )
             return "triton" if triton_available() else "torch"
         return "onednn" if device.type == "cpu" and onednn_available() else "torch"
     if name not in KERNELS:
@@ -81,16 +92,17 @@ class KernelChoice:
     """One network's kernel choice: set once, read by each of its modules when they run, and
     resolved per device type ("auto" picks for the device the tensors are on)."""
 
-    __slots__ = ("requested", "_resolved")
+    __slots__ = ("requested", "_resolved", "_checked")
 
     def __init__(self, requested: str = "torch"):
         self.requested = requested
         self._resolved: dict[str, str] = {}
+        self._checked: dict[str, bool] = {}
 
     def set(self, name: str, device: torch.device | str) -> None:
         resolve_kernels(name, device)  # refuses what cannot run there
         self.requested = name
-        self._resolved = {}
+        self._resolved, self._checked = {}, {}
 
     def on(self, device: torch.device) -> str:
         resolved = self._resolved.get(device.type)
@@ -100,6 +112,16 @@ class KernelChoice:
                 resolved = resolve_kernels("auto", device)
             self._resolved[device.type] = resolved
         return resolved
+
+    def checked(self, device: torch.device) -> bool:
+        """Whether the Triton kernels run only where their first-use self-check passed
+        (`fastsample.selfcheck`): "auto" on CUDA, unless FASTSAMPLE_KERNELS forces a choice.
+        An explicit "triton" is never checked."""
+        checked = self._checked.get(device.type)
+        if checked is None:
+            auto_triton = self.requested == "auto" and self.on(device) == "triton"
+            checked = self._checked[device.type] = auto_triton and selfcheck.forced() is None
+        return checked
 
 
 TORCH = KernelChoice("torch")  # modules outside a network: the plain torch ops
@@ -116,13 +138,20 @@ def group_norm(
     shift: torch.Tensor | None = None,
     silu: bool = False,
     kernels: str = "torch",
+    checked: bool = False,
 ) -> torch.Tensor:
     """ADM's GroupNorm32 (statistics and affine in float32, result in x's dtype), then
-    `* (1 + scale) + shift` (scale, shift: [N, C]) and SiLU when asked."""
+    `* (1 + scale) + shift` (scale, shift: [N, C]) and SiLU when asked. checked (with the
+    triton kernels): the kernel only where its first-use self-check found it correct and
+    faster for this shape class (`fastsample.selfcheck`)."""
     if kernels == "triton":
         from fastsample.kernels import group_norm as kernel
 
-        if kernel.supports(x, num_groups):
+        if kernel.supports(x, num_groups) and (
+            not checked
+            or selfcheck.group_norm_choice(x, num_groups, weight, bias, eps, scale, shift, silu)
+            == "triton"
+        ):
             return kernel.group_norm(
                 x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu
             )
@@ -155,15 +184,37 @@ def qkv_attention(
     order: str = "legacy",
     queries: int | None = None,
     kernels: str = "torch",
+    checked: bool = False,
 ) -> torch.Tensor:
     """Multi-head attention on a fused [N, 3*H*D, T] projection -> [N, H*D, queries or T]
-    (layouts: see fastsample.kernels.attention)."""
+    (layouts: see fastsample.kernels.attention). checked (with the triton kernels): per shape
+    class, the Triton kernel or SDPA, whichever the first-use self-check found correct and
+    fastest (`fastsample.selfcheck`)."""
     if kernels == "triton":
         from fastsample.kernels import attention as kernel
 
         if kernel.supports(qkv, heads):
-            return kernel.attention(qkv, heads, order, queries)
+            use = selfcheck.attention_choice(qkv, heads, order, queries) if checked else "triton"
+            if use == "triton":
+                return kernel.attention(qkv, heads, order, queries)
+            if use == "sdpa":
+                return sdpa_attention(qkv, heads, order, queries)
     return attention_reference(qkv, heads, order, queries)
+
+
+def sdpa_attention(
+    qkv: torch.Tensor, heads: int, order: str = "legacy", queries: int | None = None
+) -> torch.Tensor:
+    """qkv_attention through PyTorch's fused scaled-dot-product attention (flash or
+    memory-efficient kernels on CUDA). Its scale 1/sqrt(D) is ADM's D**-0.25 on q and on k;
+    the softmax runs in the kernel's own precision (float32 accumulation)."""
+    b, width, length = qkv.shape
+    ch = width // (3 * heads)
+    q, k, v = (p.transpose(-1, -2) for p in split_qkv(qkv, heads, order))  # [B, H, T, D]
+    if queries is not None:
+        q = q[..., :queries, :]
+    out = F.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, D]
+    return out.transpose(-1, -2).reshape(b, heads * ch, out.shape[-2])
 
 
 def token_attention(qkv: torch.Tensor, heads: int, order: str = "legacy") -> torch.Tensor:
@@ -401,6 +452,7 @@ __all__ = [
     "onednn_available",
     "qkv_attention",
     "resolve_backend",
+    "sdpa_attention",
     "resolve_kernels",
     "token_attention",
 ]

@@ -197,7 +197,8 @@ def ddpm_update(tab: Tables, i: int, x, out, grad, scale, z, history, spec: Spec
         log_var = tab["fixed_log_var"][i].expand_as(x)
     mean = tab["coef1"][i] * x0 + tab["coef2"][i] * x
     if grad is not None:
-        mean = mean.float() + torch.exp(log_var) * (grad * scale).float()
+        at_least_f32 = torch.promote_types(mean.dtype, torch.float32)  # (float64 stays)
+        mean = mean.to(at_least_f32) + torch.exp(log_var) * (grad * scale).to(at_least_f32)
     x = mean + torch.exp(0.5 * log_var) * z if i > 0 else mean
     return x, x0
 

@@ -35,7 +35,7 @@ def test_kernel_checks_stage_runs_tests_kernels_in_parallel():
     assert stage.argv[stage.argv.index("-n") + 1] == "8" and stage.junit
     assert sorted(p.name for p in (ROOT / "tests" / "kernels").glob("test_*.py")) == [
         "test_attention.py", "test_fast_engine.py", "test_group_norm.py", "test_networks.py",
-        "test_sampler_step.py",
+        "test_sampler_step.py", "test_selfcheck.py",
     ]  # fmt: skip
     assert (gpu_check.GOLDEN / "golden.pt").is_file()  # tracked: no copy is carried
 

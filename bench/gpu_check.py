@@ -126,7 +126,7 @@ def plan(scratch: Path) -> list[Stage]:
     """The stages, most important first, with the limits the budget is planned on."""
     logs = scratch / "logs"
     md = str(scratch / "RESULTS_append.md")
-    doctor = Stage("doctor", 60, _py("-m", "fastsample", "doctor", "--json",
+    doctor = Stage("doctor", 90, _py("-m", "fastsample", "doctor", "--json",
                                      str(logs / "doctor.json")),
                    "fastsample doctor: environment, self-check, one guided step per runtime",
                    rehearse=_py("-m", "fastsample", "doctor", "--help"),
@@ -137,7 +137,7 @@ def plan(scratch: Path) -> list[Stage]:
                      "guided ADM-256 ddim25 at fp16: reference-style eager vs fast engine, "
                      "batch 1 and 16", "bench.sample",
                      [*SAMPLE_ARGS, "--json", str(logs / "bench_sample.json"), "--markdown", md]),
-        _bench_stage("bench_kernels", 100,
+        _bench_stage("bench_kernels", 70,
                      "Triton GroupNorm / attention vs eager, torch.compile, SDPA at ADM-256 "
                      "shapes", "bench.kernels",
                      [*KERNEL_ARGS, "--json", str(logs / "bench_kernels.json"), "--markdown", md]),

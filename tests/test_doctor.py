@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from fastsample import doctor, ops, selfcheck
+from fastsample import diagnostics, doctor, ops, selfcheck
 from fastsample.cli import main
 from fastsample.doctor import Report, Timing
 from fastsample.selfcheck import Check
@@ -40,7 +40,7 @@ def test_doctor_on_this_cpu_exits_0_prints_the_table_and_writes_json(tmp_path):
             "TensorRT", "CPU"} <= set(report["environment"])  # fmt: skip
     records = report["checks"]["records"]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records)
-    assert all(r["err"]["onednn"] <= doctor.SAMPLING_TOL for r in records)
+    assert all(r["err"]["onednn"] <= diagnostics.SAMPLING_TOL for r in records)
     (timed,) = [t for t in report["timings"] if t["ms"] is not None]
     assert (timed["size"], timed["runtime"], timed["dtype"]) == (64, "eager", "fp32")
     assert timed["ms"] > 0 and timed["first_s"] > 0
@@ -74,7 +74,7 @@ def _perturbed_sdpa(monkeypatch):
 @pytest.mark.skipif(not ops.onednn_available(), reason="this torch build has no oneDNN")
 def test_a_disagreeing_kernel_fails_its_cpu_check_and_the_cli_exits_1(monkeypatch):
     _perturbed_sdpa(monkeypatch)
-    monkeypatch.setattr(doctor, "CPU_CHECKS", doctor.CPU_CHECKS[:3])  # (sampling: seconds)
+    monkeypatch.setattr(diagnostics, "CPU_CHECKS", diagnostics.CPU_CHECKS[:3])  # (no sampling)
     monkeypatch.setattr(doctor, "_timings", lambda *a: [])
     result = CliRunner().invoke(main, ["doctor", "--device", "cpu"])
     assert result.exit_code == 1, result.output
@@ -95,8 +95,8 @@ def test_a_crashing_kernel_is_a_failed_check_not_a_traceback(monkeypatch):
         return conv2d(conv, x, kernels)
 
     monkeypatch.setattr(ops, "conv2d", broken)
-    checks = {c.component: c for c in doctor.cpu_checks()}
-    assert set(checks) == {name for name, *_ in doctor.CPU_CHECKS}
+    checks = {c.component: c for c in diagnostics.cpu_checks()}
+    assert set(checks) == {name for name, *_ in diagnostics.CPU_CHECKS}
     assert all(c.status == "FAILED" for c in checks.values())
     assert checks["onednn conv 3x3 (Winograd)"].error == (
         "RuntimeError: oneDNN primitive creation failed"

@@ -149,8 +149,13 @@ class FastEngine:
         static buffers kept per request shape (`_Static`): a run's later batches of the same
         shape reuse them and, on CUDA, replay the step graph captured for the first."""
         guided = self.classifier is not None and guidance_scale != 0
+        x_T, fresh = noise(0), noise  # drawn once: noise sources are streams
+
+        def noise(k: int) -> torch.Tensor:
+            return x_T if k == 0 else fresh(k)
+
         with torch.no_grad():
-            if self._fused_update(sampler, diffusion, noise, guided, eta, clip_denoised):
+            if self._fused_update(sampler, diffusion, x_T.shape, guided, eta, clip_denoised):
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
                                          model_y, low_res, float(eta), float(guidance_scale),
                                          bool(clip_denoised), callback)  # fmt: skip
@@ -160,7 +165,7 @@ class FastEngine:
                 eta=eta, clip_denoised=clip_denoised, callback=callback,
             )  # fmt: skip
 
-    def _fused_update(self, sampler, diffusion, noise, guided, eta, clip) -> bool:
+    def _fused_update(self, sampler, diffusion, shape, guided, eta, clip) -> bool:
         """Whether this request runs the fused update on static buffers (else the eager loop):
         where the kernel runs, not forced off, and (when self-checking) correct and faster for
         this shape class."""
@@ -174,7 +179,7 @@ class FastEngine:
         use = selfcheck.fused_update_choice(
             solver, solver.tables(diffusion, self.device, float(eta)),
             solvers.Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip)),
-            tuple(noise(0).shape), self.device, guided, solver.adds_noise(float(eta)),
+            tuple(shape), self.device, guided, solver.adds_noise(float(eta)),
         )  # fmt: skip
         return use == "fused"
 

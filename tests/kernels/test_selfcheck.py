@@ -229,6 +229,28 @@ def test_fused_update_checks_itself(sampler, eta, no_fma_contraction):
     assert verdict.err["fused"] <= 3 * verdict.err["eager"] + 1e-5
 
 
+@pytest.mark.parametrize("fused", ["fused", "eager"])
+def test_checking_draws_each_noise_once(monkeypatch, fused, no_fma_contraction):
+    # Seeded noise sources are streams: x_T is drawn once, whichever loop the check picks.
+    from fastsample.sampling import noise_source
+
+    monkeypatch.setattr(selfcheck, "fused_update_choice", lambda *args: fused)
+    model, clf, d = _demo()
+    shape, y = (2, 1, 32, 32), torch.tensor([3, 5], device=DEVICE)
+    eager, checked = (
+        FastEngine(model, clf, self_check=False),
+        FastEngine(model, clf, self_check=True),
+    )
+    eager.fused = False  # the eager loop: the reference
+    runs = []
+    for engine in (eager, checked):
+        draw = noise_source(None, 7, shape, d.num_steps, DEVICE)
+        runs.append(engine.sample("ddpm", d, draw, y=y, model_y=y, guidance_scale=2.0))
+    assert bool(checked._static) == (fused == "fused")
+    # (the fused update's rounding and the first-query pool: test_fast_engine.py's tolerance)
+    assert rel_err(runs[1], runs[0]) < 3e-5
+
+
 def test_a_wrong_fused_update_falls_back_to_the_eager_loop(monkeypatch, no_fma_contraction):
     model, clf, d = _demo()
     reference = FastEngine(model, clf, self_check=False, streams=False)

@@ -5,6 +5,8 @@ GPU-marked tests, which bench/gpu_check.sh runs."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -103,3 +105,47 @@ def test_cuda_graphs_and_streams_match_eager(sampler, graphs, streams):
         # Triton kernels (fp32 statistics, one rounding) and TF32-capable cuDNN vs the torch ops.
         assert rel_err(got, want) < 1e-3, labels
     assert len(engine._static) == 2  # buffers (and graphs) per batch shape, reused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_default_kernels_check_themselves_on_cuda(tmp_path, monkeypatch):
+    """The default ("auto") networks on the fast engine: the first run checks every fast path
+    on the shape classes it runs and samples as the torch kernels do; a second process (the
+    verdicts read from disk) measures nothing and samples the same."""
+    from fastsample import selfcheck
+
+    monkeypatch.setenv("FASTSAMPLE_CACHE", str(tmp_path))
+    monkeypatch.delenv(selfcheck.FORCE_ENV, raising=False)
+    selfcheck._forget()
+    reference, ref_clf, d = _demo("cuda")
+    reference.set_kernels("torch")
+    ref_clf.set_kernels("torch")
+    model, clf, _ = _demo("cuda")
+    assert model.kernels == "auto" and model._kernels.checked(torch.device("cuda"))
+    y = torch.tensor([1, 4, 9], device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    noise = torch.randn(d.num_steps + 1, 3, 1, 32, 32, device="cuda", generator=gen)
+    want = sample(reference, d, (3, 1, 32, 32), y=y, sampler="ddim", classifier=ref_clf,
+                  guidance_scale=2.0, noise=noise)  # fmt: skip
+    results = []
+    for _ in range(2):
+        engine = FastEngine(model, clf)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results.append(engine.sample("ddim", d, lambda k: noise[k], y=y, model_y=y,
+                                         guidance_scale=2.0))  # fmt: skip
+        assert not [w for w in caught if "self-check" in str(w.message)]  # none failed
+        verdicts = selfcheck.decisions("cuda:0")
+        if not results[1:]:
+            measured = verdicts
+            assert {"group_norm", "attention", "fused_update", "cuda_graph"} <= {
+                v.component for v in verdicts
+            }
+            assert not any(v.cached for v in verdicts)
+            selfcheck._forget()  # as a new process
+    assert [v.to_json() for v in verdicts] == [v.to_json() for v in measured]
+    assert all(v.cached for v in verdicts)
+    assert not [v for v in measured if v.status == "FAILED"]
+    for got in results:
+        assert rel_err(got, want) < 1e-3  # as test_cuda_graphs_and_streams_match_eager

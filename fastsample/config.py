@@ -181,6 +181,10 @@ def _check_common(cfg: UNetConfig | ClassifierConfig) -> None:
             f"attention_resolutions={cfg.attention_resolutions!r}: expected positive integer "
             "downsample rates (image_size // pixels)"
         )
+    widths = sorted({cfg.model_channels, *cfg.level_channels})
+    if any(w % 32 for w in widths):
+        raise InputError(f"model_channels={cfg.model_channels}, channel_mult={mult}: widths "
+                         f"{widths} must be multiples of 32 (GroupNorm32)")  # fmt: skip
     if cfg.num_head_channels == -1 and cfg.num_heads < 1:
         raise InputError(f"num_heads={cfg.num_heads!r}: expected >= 1 when num_head_channels=-1")
     if cfg.num_head_channels != -1:
@@ -200,13 +204,8 @@ def _check_common(cfg: UNetConfig | ClassifierConfig) -> None:
 
 
 def _layer(module: str, channels: int, heads: int, order: str) -> dict:
-    return {
-        "module": module,
-        "channels": channels,
-        "heads": heads,
-        "head_dim": channels // heads,
-        "order": order,
-    }
+    head_dim = channels // heads
+    return dict(module=module, channels=channels, heads=heads, head_dim=head_dim, order=order)
 
 
 def _attention_layers(cfg: UNetConfig | ClassifierConfig, with_outputs: bool) -> list[dict]:

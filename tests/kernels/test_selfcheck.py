@@ -222,8 +222,10 @@ def test_fused_update_checks_itself(sampler, eta, no_fma_contraction):
     model, clf, d = _demo()
     engine = FastEngine(model, clf, self_check=True)
     _run(engine, d, sampler, eta=eta)
+    assert engine._static  # a correct fused update is used (graphs need it), even if slower
     (verdict,) = selfcheck.decisions(DEVICE)
-    assert verdict.component == "fused_update" and verdict.status in ("ok", "slower")
+    assert (verdict.component, verdict.status, verdict.use) == ("fused_update", "ok", "fused")
+    assert set(verdict.ms) == {"fused", "eager"}
     assert verdict.shape_class.startswith(f"{sampler} 2x1x32x32 guided")
     assert ("noise" in verdict.shape_class) == (sampler == "ddpm" or eta > 0)
     assert verdict.err["fused"] <= 3 * verdict.err["eager"] + 1e-5

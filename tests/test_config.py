@@ -159,11 +159,14 @@ def test_configs_reject_bad_values():
     with pytest.raises(ValueError, match="num_head_channels=48 does not divide"):
         UNetConfig(**base, num_head_channels=48)
     # Levels without attention may have any width, as in the reference.
+    # (level 0: width 96 without attention; level 1 and the middle block: 192 = 3 x 64)
     UNetConfig(
-        **{**base, "model_channels": 48, "attention_resolutions": (2,)},
+        **{**base, "model_channels": 96, "attention_resolutions": (2,)},
         channel_mult=(1, 2),
-        num_head_channels=32,
+        num_head_channels=64,
     )
+    with pytest.raises(ValueError, match=r"widths \[48, 96\] must be multiples of 32"):
+        UNetConfig(**{**base, "model_channels": 48}, channel_mult=(1, 2))
     with pytest.raises(ValueError, match="pool='max'"):
         ClassifierConfig(**base, pool="max")
     with pytest.raises(ValueError, match="dims=4"):

@@ -13,6 +13,7 @@ import torch
 
 from conftest import KERNEL_DEVICE, rel_err
 from fastsample import ops, selfcheck
+from fastsample import verdicts as verdicts_module
 from fastsample.catalog import DEMO_UNET, PRESETS
 from fastsample.checkpoint import load_model
 from fastsample.engine import FastEngine
@@ -438,7 +439,7 @@ def test_the_cache_is_keyed_by_the_environment_and_survives_damage(verdicts, mon
     # Another torch (or driver, GPU, triton, fastsample): another file, checked again.
     env = selfcheck.environment(DEVICE)
     with monkeypatch.context() as m:
-        m.setattr(selfcheck, "environment", lambda device: {**env, "torch": "9.9"})
+        m.setattr(verdicts_module, "environment", lambda device: {**env, "torch": "9.9"})
         selfcheck._forget()
         assert selfcheck.cache_path(DEVICE) != path and selfcheck.decisions(DEVICE) == []
     # A damaged file is ignored, checked again and rewritten.

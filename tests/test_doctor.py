@@ -233,7 +233,8 @@ def test_options_parse():
         (["--device", "tpu"], "error: --device 'tpu': expected cpu, cuda or cuda:N"),
         (["--json", "/no/such/dir/doctor.json"], "error: --json /no/such/dir/doctor.json: no"),
         pytest.param(["--device", "cuda"], "error: --device cuda: torch sees no CUDA GPU here",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+                     marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                            reason="a GPU is present: nothing to refuse")),
     ],
 )  # fmt: skip
 def test_bad_options_are_one_line_and_exit_code_2(monkeypatch, args, message):

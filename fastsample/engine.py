@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +147,8 @@ class FastEngine:
         Where the fused kernel runs (CUDA; the CPU under TRITON_INTERPRET=1) the loop runs on
         static buffers kept per request shape (`_Static`): a run's later batches of the same
         shape reuse them and, on CUDA, replay the step graph captured for the first."""
+        if eta < 0:
+            raise InputError(f"eta={eta}: expected >= 0")
         guided = self.classifier is not None and guidance_scale != 0
         x_T, fresh = noise(0), noise  # drawn once: noise sources are streams
 
@@ -174,8 +175,6 @@ class FastEngine:
         if not self.self_check:
             return True
         solver = solvers.get_solver(sampler)
-        if eta < 0:
-            raise InputError(f"eta={eta}: expected >= 0")
         use = selfcheck.fused_update_choice(
             solver, solver.tables(diffusion, self.device, float(eta)),
             solvers.Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip)),
@@ -300,18 +299,18 @@ class FastEngine:
         machine, when self-checking) compare that replay with an eager step from the same state,
         keeping the eager result and dropping the graph where they disagree."""
         check = self.self_check and st.verdict is None
-        state = [t for t in (st.x, st.history) if t is not None]
-        saved = [t.clone() for t in state]
         ms: dict[str, float] = {}
         if check:
-            with _stopwatch(self.device, ms, "eager"):
+            state = [t for t in (st.x, st.history) if t is not None]
+            saved = [t.clone() for t in state]
+            with selfcheck.stopwatch(self.device, ms, "eager"):
                 self._eager_step(st)
             eager = [t.clone() for t in (st.x, st.x0, st.history) if t is not None]
             for t, v in zip(state, saved, strict=True):
                 t.copy_(v)
-        with _stopwatch(self.device, ms, "capture"):
+        with selfcheck.stopwatch(self.device, ms, "capture"):
             st.graph = self._capture(st)
-        with _stopwatch(self.device, ms, "graph"):
+        with selfcheck.stopwatch(self.device, ms, "graph"):
             st.graph.replay()
         if not check:
             return
@@ -327,8 +326,6 @@ class FastEngine:
 
     def _static_loop(self, sampler, diffusion, noise, y, model_y, low_res, eta, scale, clip,
                      callback):  # fmt: skip
-        if eta < 0:
-            raise InputError(f"eta={eta}: expected >= 0")
         x_t = noise(0).float()
         key = (
             tuple(x_t.shape), sampler, diffusion, eta, scale, clip, y is not None,
@@ -388,28 +385,3 @@ class _Static:
     graph_class: str = ""
     capture_at: int = 0  # the step k at which the graph is captured (0: never)
     verdict: selfcheck.Check | None = None  # the graph's self-check verdict, once known
-
-
-class _stopwatch:
-    """Times a block into ms[name]: CUDA events on CUDA (synchronising at the end), else the
-    wall clock."""
-
-    def __init__(self, device: torch.device, ms: dict[str, float], name: str):
-        self.device, self.ms, self.name = device, ms, name
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            self.events[0].record()
-        else:
-            self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.events[1].record()
-            self.events[1].synchronize()
-            self.ms[self.name] = self.events[0].elapsed_time(self.events[1])
-        else:
-            self.ms[self.name] = (time.perf_counter() - self.start) * 1e3
-        return False

@@ -245,7 +245,7 @@ def _warn(check: Check) -> None:
 # -- measuring ----------------------------------------------------------------------------------
 
 
-def _rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
+def rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """max |actual - reference| / max |reference|, in float64; inf where actual is not finite
     where the reference is."""
     actual, reference = actual.detach().double(), reference.detach().double()
@@ -257,28 +257,44 @@ def _rel_err(actual: torch.Tensor, reference: torch.Tensor) -> float:
     return (diff.max() / reference.abs().max().clamp_min(1e-30)).item() if diff.numel() else 0.0
 
 
+class stopwatch:
+    """Times a block into ms[name]: CUDA events on CUDA (synchronising at the end), else the
+    wall clock."""
+
+    def __init__(self, device: torch.device, ms: dict[str, float], name: str):
+        self.device, self.ms, self.name = device, ms, name
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            self.events[0].record()
+        else:
+            self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.events[1].record()
+            self.events[1].synchronize()
+            self.ms[self.name] = self.events[0].elapsed_time(self.events[1])
+        else:
+            self.ms[self.name] = (time.perf_counter() - self.start) * 1e3
+        return False
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, reps: int = 10) -> float:
-    """The median time of fn in ms (CUDA events on CUDA), after one warm-up call; fewer
-    repetitions where one call is slow (the CPU interpreter)."""
+    """The median time of fn in ms, after one warm-up call; fewer repetitions where one call is
+    slow (the CPU interpreter: at most 0.2 s of repetitions)."""
     fn()
-    if device.type == "cuda":
-        times = []
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(reps):
-            start.record()
+    times: list[float] = []
+    deadline = time.perf_counter() + 0.2
+    for _ in range(reps):
+        ms: dict[str, float] = {}
+        with stopwatch(device, ms, "call"):
             fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        times = []
-        deadline = time.perf_counter() + 0.2
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-            if time.perf_counter() > deadline:
-                break
+        times.append(ms["call"])
+        if device.type != "cuda" and time.perf_counter() > deadline:
+            break
     times.sort()
     return times[len(times) // 2]
 
@@ -293,11 +309,13 @@ def judge(
     baseline: str,
     fast: Iterable[str],
     outputs: tuple[str, ...] = ("output",),
+    fastest: bool = True,
 ) -> Check:
     """Run each candidate, compare its outputs with the float64 reference's, time the correct
     ones, and pick the fastest. baseline: the plain-torch path at the working dtype, which
     sets the accuracy bar (FACTOR times its error plus FLOOR) and is correct by definition;
-    fast: the fastsample components whose failure is reported (status FAILED)."""
+    fast: the fastsample components whose failure is reported (status FAILED). fastest=False:
+    the first correct fast component is used even where slower (its times are recorded)."""
     fast = tuple(fast)
     want = reference()
     names = (
@@ -311,7 +329,7 @@ def judge(
     for name in [baseline, *(name for name in candidates if name != baseline)]:
         try:
             got = candidates[name]()
-            errors = [_rel_err(g, w) for g, w in zip(got, want, strict=True)]
+            errors = [rel_err(g, w) for g, w in zip(got, want, strict=True)]
         except Exception as e:  # noqa: BLE001 - any failure disables the component
             if name == baseline:
                 raise
@@ -331,7 +349,8 @@ def judge(
             problems[name] = ", ".join(off)
     correct = [name for name in candidates if name not in problems]
     ms = {name: time_ms(lambda f=candidates[name]: f(), device) for name in correct}
-    use = min(correct, key=lambda name: (ms[name], name not in fast))
+    preferred = [name for name in fast if name in correct] if not fastest else []
+    use = preferred[0] if preferred else min(correct, key=lambda n: (ms[n], n not in fast))
     failed = [name for name in fast if name in problems]
     status: Status = "FAILED" if failed else "ok" if use in fast else "slower"
     error = "; ".join(f"{name}: {why}" for name, why in problems.items())

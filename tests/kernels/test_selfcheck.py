@@ -292,7 +292,6 @@ class _Replay:
 
 def _fixed_times(monkeypatch, **ms):
     """The engine's stopwatch reading fixed times (ms per block name)."""
-    import fastsample.engine as engine_module
 
     class Stopwatch:
         def __init__(self, device, into, name):
@@ -305,7 +304,7 @@ def _fixed_times(monkeypatch, **ms):
             self.into[self.name] = ms[self.name]
             return False
 
-    monkeypatch.setattr(engine_module, "_stopwatch", Stopwatch)
+    monkeypatch.setattr(selfcheck, "stopwatch", Stopwatch)  # (the engine's; not time_ms's)
 
 
 def _graph_engine(model, clf, monkeypatch, corrupt=False, replay_ms=1.0):

@@ -18,15 +18,26 @@ import time
 import torch
 
 import fastsample
+from fastsample.catalog import PRESETS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="64x64_diffusion")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    return parser.parse_args(argv)
+    diffusion = sorted(n for n, p in PRESETS.items() if p.diffusion and not p.low_res_size)
+    parser.add_argument("--preset", default="64x64_diffusion", choices=diffusion)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--repeats", type=_positive, default=3)
+    parser.add_argument("--threads", type=_positive, default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA GPU here")
+    return args
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return int(text)
 
 
 def _forward(model, device) -> float:

@@ -94,7 +94,8 @@ def _base(diffusion: Diffusion) -> dict[str, torch.Tensor]:
     ac = _f32(c.alphas_cumprod)
     return {
         # what the network receives: the original timestep (or the rescaled float)
-        "t_model": t_model.float() if diffusion.rescale_timesteps else t_model.long(),
+        # (float where rescaled or fractional: a time schedule's, see fastsample.schedule)
+        "t_model": t_model.long() if t_model.dtype == torch.int64 else t_model.float(),
         "sqrt_recip_ac": _f32(c.sqrt_recip_alphas_cumprod),
         "sqrt_recipm1_ac": _f32(c.sqrt_recipm1_alphas_cumprod),
         "sqrt_one_minus_ac": (1 - ac).sqrt(),  # float32 sqrt of float32 1 - alpha_bar

@@ -34,11 +34,15 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from . import multistep
 from .errors import InputError
+from .guidance import GuidancePlan, guidance_plan, warn_unstable  # noqa: F401
 from .netfns import GuidanceFn, ModelFn
 from .schedule import Diffusion
 
-SamplerName = Literal["ddpm", "ddim", "dpm++2m"]
+SamplerName = Literal[
+    "ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "unipc3", "ipndm"
+]
 
 NoiseFn = Callable[[int], torch.Tensor]  # k -> x_T for k = 0, else the fresh noise of step k
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step k, x, pred_xstart)
@@ -66,6 +70,7 @@ class Solver:
     update: UpdateFn
     noise: Literal["always", "eta", "never"]  # "eta": added only where eta != 0
     multistep: bool = False
+    form: multistep.Form | None = None  # the linear multistep solvers (fastsample.multistep)
 
     @property
     def draws_noise(self) -> bool:
@@ -74,6 +79,13 @@ class Solver:
 
     def adds_noise(self, eta: float) -> bool:
         return self.noise == "always" or (self.noise == "eta" and eta != 0)
+
+    def history_shape(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The float32 history buffer a run keeps (None: none): the previous x0 for
+        DPM-Solver++(2M), the earlier values (and UniPC's x_last) stacked for the others."""
+        if self.form is not None:
+            return (self.form.buffers, *shape)
+        return tuple(shape) if self.multistep else None
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -160,6 +172,21 @@ def dpmpp_2m_tables(diffusion: Diffusion, device: torch.device, eta: float = 0.0
     return _frozen(tables, device)
 
 
+def _linear_tables(coefs: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]):
+    """A tables function for a linear multistep solver from its float64 coefficients (computed
+    per step k from noise; the tables are indexed by the respaced step i = n - 1 - k)."""
+
+    @functools.lru_cache(maxsize=32)
+    def tables(diffusion: Diffusion, device: torch.device, eta: float = 0.0) -> Tables:
+        c = diffusion.coefficients()
+        found = coefs(c.alphas_cumprod[::-1], c.alphas_cumprod_prev[::-1])
+        out = _base(diffusion)
+        out.update({name: _f32(a[::-1]) for name, a in found.items()})
+        return _frozen(out, device)
+
+    return tables
+
+
 # -- eager updates (the reference for the fused kernel) ---------------------------------------
 
 
@@ -231,10 +258,65 @@ def dpmpp_2m_update(tab: Tables, i: int, x, out, grad, scale, z, history, spec: 
     return x, x0
 
 
+def linear_update(form: multistep.Form) -> UpdateFn:
+    """The eager update of a linear multistep solver (see fastsample.multistep): the optional
+    corrector of x from x_last, then x' from x and the values; history[0 .. slots - 1] holds
+    v_{k-1}, v_{k-2}, ... and history[slots] UniPC's x_last; both are updated in place."""
+
+    def update(tab: Tables, i: int, x, out, grad, scale, z, history, spec: Spec):
+        x0, _ = _x0(tab, i, x, out, spec)
+        if grad is not None:
+            x0 = _guided_x0(tab, i, x, x0, grad, scale)
+        v = _eps(tab, i, x, x0) if form.eps else x0
+        values = [v, *history[: form.slots]]
+        if form.corrector:
+            x = tab["cor_self"][i] * x + tab["cor_x"][i] * history[form.slots]
+            for j, value in enumerate(values):
+                x = x + tab[f"cor_v{j}"][i] * value
+        x_next = tab["lin_x"][i] * x
+        for j, value in enumerate(values):
+            x_next = x_next + tab[f"lin_v{j}"][i] * value
+        if z is not None:
+            x_next = x_next + tab["lin_z"][i] * z
+        for j in range(form.slots - 1, 0, -1):
+            history[j].copy_(history[j - 1])
+        history[0].copy_(v)
+        if form.corrector:
+            history[form.slots].copy_(x)
+        return x_next, x0
+
+    return update
+
+
+def _linear(name: str, coefs, form: multistep.Form, noise: str = "never") -> Solver:
+    return Solver(name, _linear_tables(coefs), linear_update(form), noise=noise,
+                  multistep=True, form=form)  # fmt: skip
+
+
 SOLVERS: dict[str, Solver] = {
     "ddpm": Solver("ddpm", ddpm_tables, ddpm_update, noise="always"),
     "ddim": Solver("ddim", ddim_tables, ddim_update, noise="eta"),
     "dpm++2m": Solver("dpm++2m", dpmpp_2m_tables, dpmpp_2m_update, noise="never", multistep=True),
+    "dpm++3m": _linear(
+        "dpm++3m", functools.partial(multistep.dpmpp, order=3), multistep.Form(slots=2)
+    ),
+    "dpm++2m-sde": _linear(
+        "dpm++2m-sde",
+        functools.partial(multistep.dpmpp, order=2, sde=True),
+        multistep.Form(slots=1),
+        noise="always",
+    ),  # fmt: skip
+    "unipc": _linear(
+        "unipc",
+        functools.partial(multistep.unipc, order=2),
+        multistep.Form(slots=2, corrector=True),
+    ),  # fmt: skip
+    "unipc3": _linear(
+        "unipc3",
+        functools.partial(multistep.unipc, order=3),
+        multistep.Form(slots=3, corrector=True),
+    ),  # fmt: skip
+    "ipndm": _linear("ipndm", multistep.ipndm, multistep.Form(slots=3, eps=True)),
 }
 SAMPLERS: tuple[str, ...] = tuple(SOLVERS)
 
@@ -245,15 +327,15 @@ def get_solver(name: str) -> Solver:
     return SOLVERS[name]
 
 
-# -- the loop ----------------------------------------------------------------------------------
-
-
 def _progress(steps: range, enabled: bool):
     if not enabled:
         return steps
     from tqdm.auto import tqdm
 
     return tqdm(steps, desc="sampling", unit="step")
+
+
+# -- the loop ----------------------------------------------------------------------------------
 
 
 def run(
@@ -264,6 +346,9 @@ def run(
     *,
     guidance: GuidanceFn | None = None,
     guidance_scale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_every: int = 1,
+    stable_guidance: bool = False,
     eta: float = 0.0,
     clip_denoised: bool = True,
     progress: bool = False,
@@ -272,29 +357,40 @@ def run(
 ) -> torch.Tensor:
     """Sample x_0 from noise(0) = x_T with one solver; noise(k) is step k's fresh noise.
 
-    guidance: the unscaled gradient of log p(y | x_t), used where guidance_scale != 0.
+    guidance: the unscaled gradient of log p(y | x_t), used where guidance_scale != 0, at the
+    steps `guidance_plan` picks (guidance_interval, guidance_every; stable_guidance: not where
+    alpha_bar is so small that eps-form guidance breaks the sample; one line warns of those
+    steps either way).
     update: replaces the solver's eager update (same signature; the fused kernel's, say)."""
     solver = get_solver(sampler)
     if eta < 0:
         raise InputError(f"eta={eta}: expected >= 0")
+    guided = guidance is not None and guidance_scale != 0
+    plan = guidance_plan(sampler, diffusion, guidance_interval, guidance_every, stable_guidance)
+    if guided:
+        warn_unstable(plan, sampler)
     x = noise(0)
     tab = solver.tables(diffusion, x.device, float(eta))
     spec = Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip_denoised))
     step = update or solver.update
-    history = None  # the previous step's x0, for multistep solvers
-    if solver.multistep:
-        history = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    guided = guidance is not None and guidance_scale != 0
+    shape = solver.history_shape(tuple(x.shape))
+    history = None if shape is None else torch.zeros(shape, dtype=torch.float32, device=x.device)
     adds_noise = solver.adds_noise(eta)
     n = diffusion.num_steps
-    for k in _progress(range(1, n + 1), progress):
+    grad = None
+    steps = _progress(range(1, n + 1), progress)
+    for k in steps:
         i = n - k
         t = tab["t_model"][i].expand(x.shape[0])
         out = model(x, t)
-        grad = guidance(x, t) if guided else None
+        if guided and plan.compute[i]:
+            grad = guidance(x, t)
         z = noise(k) if solver.draws_noise else None
-        x, x0 = step(tab, i, x, out, grad, guidance_scale, z if adds_noise else None, history,
+        g = grad if guided and plan.use[i] else None
+        x, x0 = step(tab, i, x, out, g, guidance_scale, z if adds_noise else None, history,
                      spec)  # fmt: skip
+        if progress and guided:
+            steps.set_postfix(classifier_calls=sum(plan.compute[n - k :]), refresh=False)
         if callback is not None:
             callback(k, x, x0)
     return x

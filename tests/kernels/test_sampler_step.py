@@ -43,7 +43,24 @@ CASES = [
     ("ddpm", 0.0, "cosine", "6", True),
     ("ddpm", 0.0, "linear", "ddim5", False),
     ("dpm++2m", 0.0, "linear", "ddim7", True),
+    ("dpm++3m", 0.0, "cosine", "7", True),
+    ("dpm++2m-sde", 0.0, "linear", "6", False),
+    ("unipc", 0.0, "linear", "ddim6", True),
+    ("unipc3", 0.0, "cosine", "8", False),
+    ("ipndm", 0.0, "linear", "7", True),
 ]
+
+
+def test_linear_forms_agree_with_the_solvers():
+    """The kernel's per-name layout is the solver module's (one source each, checked here)."""
+    from fastsample.kernels.sampler_step import LINEAR_FORMS
+
+    for name, solver in samplers.SOLVERS.items():
+        if solver.form is None:
+            assert name not in LINEAR_FORMS
+            continue
+        f = solver.form
+        assert LINEAR_FORMS[name] == (f.slots, f.corrector, f.eps)
 
 
 @pytest.mark.parametrize("guided", [False, True])

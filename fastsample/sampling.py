@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from . import netfns
+from . import featcache, netfns
 from . import sampler as solvers
 from ._deprecation import _UNSET, renamed
 from .config import SuperResConfig
@@ -188,6 +188,8 @@ def sample(
     return_trajectory: bool = False,
     callback: solvers.StepCallback | None = None,
     runtime: Runtime = "eager",
+    cache_interval: int = 1,
+    cache_depth: int | None = None,
     backend=_UNSET,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Draw one batch of samples [B, C, H, W] (on the [-1, 1] scale, not clipped: see to_uint8).
@@ -200,9 +202,19 @@ def sample(
     graphs of the model and of the guidance gradient. model may then be an ExportedGraphs
     (`fastsample.export.load(dir)`), whose own gradient graph guides; eager networks are
     exported once into the cache (FASTSAMPLE_CACHE, default ~/.cache/fastsample).
+    cache_interval, cache_depth: DeepCache-style feature caching (`fastsample.featcache`): the
+    whole UNet runs at every cache_interval-th step, in between only its shallow blocks, reusing
+    the deep feature at skip depth cache_depth (None: featcache.DEFAULT_DEPTH = 1, the
+    shallowest and cheapest). 1 (the default) is exactly the uncached sampler. Eager runtime only.
     (backend= is the old name of runtime=.)
     """
     runtime = check_runtime(renamed("runtime", runtime, "backend", backend, "eager"))
+    cache_interval = featcache.check_interval(cache_interval)
+    if cache_interval != 1 and runtime != "eager":
+        raise InputError(
+            f"cache_interval={cache_interval} needs runtime='eager' (runtime {runtime!r} runs "
+            "an exported graph of the whole UNet at every step)"
+        )
     shape = tuple(int(s) for s in shape)
     cfg, clf_cfg, device, make_model, make_guidance = _networks(
         model, classifier, runtime, diffusion, guidance_scale
@@ -213,6 +225,10 @@ def sample(
     )  # fmt: skip
     guided = clf_cfg is not None and guidance_scale != 0
     model_fn = make_model(y_model, low_res)
+    if runtime == "eager" and (cache_interval != 1 or cache_depth is not None):
+        depth = featcache.DEFAULT_DEPTH if cache_depth is None else cache_depth
+        model_fn = featcache.cached_model_fn(model, y_model, low_res, interval=cache_interval,
+                                             depth=depth)  # fmt: skip
     guidance = make_guidance(y) if guided else None
     draw = noise_source(noise, seed, shape, diffusion.num_steps, device)
     if runtime != "eager":

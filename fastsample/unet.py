@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -272,9 +273,8 @@ class UNet(_Network):
         )
         self._share_kernels()
 
-    def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _embedding(self, x: torch.Tensor, timesteps, y: torch.Tensor | None) -> torch.Tensor:
+        """The timestep (+ class) embedding [N, time_embed_dim], the labels and dtype checked."""
         n = x.shape[0]
         conditional = self.config.num_classes is not None
         if conditional and y is None:
@@ -291,6 +291,16 @@ class UNet(_Network):
             if y.shape != (n,):
                 raise InputError(f"y of shape {tuple(y.shape)}: expected ({n},) class labels")
             emb = emb + self.label_emb(y)
+        return emb
+
+    def _head(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # out = GroupNorm, SiLU, conv
+        return self.out[2](self.out[0].fused(h.to(dtype), silu=True)).contiguous()
+
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        emb = self._embedding(x, timesteps, y)
         skips = []
         h = self._layout(x.to(self.dtype))
         for block in self.input_blocks:
@@ -299,8 +309,68 @@ class UNet(_Network):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        # out = GroupNorm, SiLU, conv
-        return self.out[2](self.out[0].fused(h.to(x.dtype), silu=True)).contiguous()
+        return self._head(h, x.dtype)
+
+    # -- split at a skip depth (DeepCache, Ma et al. 2023; see fastsample.featcache) ----------
+    # Output block j concatenates input block L - 1 - j's output, so at depth d the shallow part
+    # is input_blocks[:d] and output_blocks[L - d:], joined through skips d - 1 .. 0.
+
+    def check_depth(self, depth: int) -> int:
+        """A valid skip depth for forward_split / forward_shallow: 1 <= depth < input blocks."""
+        n = len(self.input_blocks)
+        if isinstance(depth, bool) or not isinstance(depth, Integral) or not 1 <= depth < n:
+            raise InputError(
+                f"cache_depth={depth!r}: expected an integer in 1..{n - 1} "
+                f"(this network has {n} input blocks)"
+            )
+        return int(depth)
+
+    def forward_split(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None, *,
+        depth: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(forward(x, timesteps, y), the deep feature at `depth`): the h entering output block
+        L - depth, in the torso's dtype and layout, for forward_shallow at later steps."""
+        first = len(self.output_blocks) - self.check_depth(depth)
+        emb = self._embedding(x, timesteps, y)
+        skips = []
+        h = self._layout(x.to(self.dtype))
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for j, block in enumerate(self.output_blocks):
+            if j == first:
+                feature = h
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self._head(h, x.dtype), feature
+
+    def forward_shallow(
+        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None, *,
+        feature: torch.Tensor, depth: int,
+    ) -> torch.Tensor:  # fmt: skip
+        """The output with the deep part replaced by `feature` (from forward_split at the same
+        depth): input_blocks[:depth], output_blocks[L - depth:], the head. With the feature of
+        the same (x, timesteps, y) it equals forward(x, timesteps, y) exactly."""
+        depth = self.check_depth(depth)
+        emb = self._embedding(x, timesteps, y)
+        skips = []
+        h = self._layout(x.to(self.dtype))
+        for i in range(depth):
+            h = self.input_blocks[i](h, emb)
+            skips.append(h)
+        first = len(self.output_blocks) - depth
+        channels = self.output_blocks[first][0].in_layers[0].num_channels - h.shape[1]
+        expected = (h.shape[0], channels, *h.shape[2:])
+        if tuple(feature.shape) != expected:
+            raise InputError(
+                f"feature of shape {tuple(feature.shape)}: expected {expected} at depth {depth} "
+                "(forward_split's feature for this batch and depth)"
+            )
+        h = feature
+        for j in range(first, len(self.output_blocks)):
+            h = self.output_blocks[j](torch.cat([h, skips.pop()], dim=1), emb)
+        return self._head(h, x.dtype)
 
 
 class SuperResUNet(UNet):
@@ -310,6 +380,12 @@ class SuperResUNet(UNet):
     _flag_parser = staticmethod(super_res_config_from_flags)
     takes_low_res = True  # (fastsample.netfns.call_model)
 
+    def _with_low_res(self, x: torch.Tensor, low_res: torch.Tensor | None) -> torch.Tensor:
+        if low_res is None:
+            raise InputError("SuperResUNet needs low_res, the [N, 3, h, w] image to upsample")
+        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
+        return torch.cat([x, upsampled], dim=1)
+
     def forward(  # type: ignore[override]
         self,
         x: torch.Tensor,
@@ -317,10 +393,20 @@ class SuperResUNet(UNet):
         low_res: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if low_res is None:
-            raise InputError("SuperResUNet needs low_res, the [N, 3, h, w] image to upsample")
-        upsampled = F.interpolate(low_res, x.shape[2:], mode="bilinear")
-        return super().forward(torch.cat([x, upsampled], dim=1), timesteps, y)
+        return super().forward(self._with_low_res(x, low_res), timesteps, y)
+
+    def forward_split(  # type: ignore[override]
+        self, x: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor | None = None,
+        y: torch.Tensor | None = None, *, depth: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        return super().forward_split(self._with_low_res(x, low_res), timesteps, y, depth=depth)
+
+    def forward_shallow(  # type: ignore[override]
+        self, x: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor | None = None,
+        y: torch.Tensor | None = None, *, feature: torch.Tensor, depth: int,
+    ) -> torch.Tensor:  # fmt: skip
+        x = self._with_low_res(x, low_res)
+        return super().forward_shallow(x, timesteps, y, feature=feature, depth=depth)
 
 
 class Classifier(_Network):

@@ -62,7 +62,8 @@ def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str,
     """The respaced schedule as plain numbers: what a sampler without Python needs.
 
     Tables are float64 (JSON round-trips them exactly) and indexed by respaced step i; a sampler
-    runs i = num_steps - 1 down to 0 and gives the networks t_model[i]."""
+    runs i = num_steps - 1 down to 0 and gives the networks t_model[i] (fractional under a
+    time schedule other than "respace": the graphs take float t)."""
     c = diffusion.coefficients()
     tables = {
         "t_model": diffusion.model_timesteps(),
@@ -80,12 +81,14 @@ def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str,
         "diffusion": dataclasses.asdict(diffusion),
         "num_steps": diffusion.num_steps,
         "clip_denoised": clip_denoised,
-        "timestep_map": [int(v) for v in c.timestep_map],
+        # integers (respacing), or a time schedule's fractional timesteps
+        "timestep_map": c.timestep_map.tolist(),
         "tables": {k: [float(v) for v in a] for k, a in tables.items()},
     }
 
 
 def diffusion_from_schedule(schedule: dict[str, Any]) -> Diffusion:
+    """The Diffusion of a schedule.json (written before time schedules: "respace", the default)."""
     return Diffusion(**schedule["diffusion"])
 
 

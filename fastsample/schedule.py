@@ -1,12 +1,18 @@
-"""Noise schedules and respacing: pure functions from settings to float64 arrays.
+"""Noise schedules, respacing and time schedules: pure functions from settings to float64 arrays.
 
 Ho et al. 2020 (linear betas), Nichol & Dhariwal 2021 (cosine betas, eq. 17; learned variance
 interpolation, eq. 15; strided sampling, sec. 4). Every array is computed once in float64, as the
 reference does; samplers gather per-step values and cast them to float32.
+
+Time schedules other than the reference's respacing ("time", "logsnr", "karras") sample at
+fractional timesteps of the discrete process, whose alpha_bar is interpolated linearly in
+log(alpha_bar) between the integer timesteps (Lu et al. 2022, DPM-Solver's discrete-time
+NoiseScheduleVP); ADM's timestep embedding is continuous, so the networks take such t as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -18,6 +24,9 @@ import numpy as np
 from .errors import InputError
 
 NoiseSchedule = Literal["linear", "cosine"]
+TimeSchedule = Literal["respace", "time", "logsnr", "karras"]
+TIME_SCHEDULES = ("respace", "time", "logsnr", "karras")
+KARRAS_RHO = 7.0
 
 
 def linear_betas(steps: int) -> np.ndarray:
@@ -119,11 +128,120 @@ def respace_betas(betas: np.ndarray, kept: Sequence[int]) -> np.ndarray:
     return np.array(new, dtype=np.float64)
 
 
+# -- time schedules: fractional timesteps of the discrete process -----------------------------
+
+
+def alpha_bar_at(alphas_cumprod: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """alpha_bar at times t in [0, T - 1] of a discrete process with T alphas_cumprod: linear in
+    log(alpha_bar) between neighbouring integer timesteps (Lu et al. 2022, DPM-Solver's
+    discrete-time NoiseScheduleVP), and exactly the discrete value at an integer t."""
+    return _at(alphas_cumprod, t, log=False)
+
+
+def log_alpha_bar_at(alphas_cumprod: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """log(alpha_bar_at(alphas_cumprod, t)), without the round trip through exp (so that
+    1 - alpha_bar = -expm1(log alpha_bar) keeps its digits where alpha_bar is near 1)."""
+    return _at(alphas_cumprod, t, log=True)
+
+
+def _at(alphas_cumprod: np.ndarray, t: np.ndarray, log: bool) -> np.ndarray:
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    t = np.asarray(t, dtype=np.float64)
+    last = len(ac) - 1
+    if not ((t >= 0) & (t <= last)).all():
+        raise InputError(f"times {t[(t < 0) | (t > last)][:3].tolist()}: expected 0..{last}")
+    lo = np.minimum(np.floor(t).astype(np.int64), last)
+    hi = np.minimum(lo + 1, last)
+    frac = t - lo
+    log_ac = np.log(ac)
+    between = log_ac[lo] + frac * (log_ac[hi] - log_ac[lo])
+    if log:
+        return np.where(frac == 0, log_ac[lo], between)
+    return np.where(frac == 0, ac[lo], np.exp(between))
+
+
+def time_at_log_alpha_bar(alphas_cumprod: np.ndarray, log_alpha_bar: np.ndarray) -> np.ndarray:
+    """The inverse of log_alpha_bar_at: the t in [0, T - 1] where the piecewise-linear
+    log(alpha_bar) takes each value (it decreases strictly in t; values beyond clamp)."""
+    log_ac = np.log(np.asarray(alphas_cumprod, dtype=np.float64))
+    steps = np.arange(len(log_ac), dtype=np.float64)
+    return np.interp(log_alpha_bar, log_ac[::-1], steps[::-1])
+
+
+def schedule_steps(time_schedule: str, spec: str | int) -> int:
+    """The step count n of a time schedule other than "respace" (which takes respacing specs),
+    with one line saying what is expected where the name or the spec is not valid."""
+    if time_schedule not in TIME_SCHEDULES:
+        raise InputError(
+            f"time schedule {time_schedule!r}: expected one of "
+            + ", ".join(repr(name) for name in TIME_SCHEDULES)
+        )
+    text = str(spec).strip()
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise InputError(
+            f"schedule {time_schedule!r} takes a step count such as '10', not {str(spec)!r}"
+        )
+    return int(text)
+
+
+def sampling_times(
+    alphas_cumprod: np.ndarray, n: int, time_schedule: Literal["time", "logsnr", "karras"]
+) -> np.ndarray:
+    """The n sampling times, ascending: t_0 = 0 < t_1 < ... < t_{n-1} = T - 1 (n = 1: T - 1).
+
+    "time": uniform in t. "logsnr": uniform in lambda = log(alpha / sigma) =
+    0.5 log(alpha_bar / (1 - alpha_bar)) (Lu et al. 2022, DPM-Solver's "logSNR" skip type).
+    "karras": sigma = sqrt((1 - alpha_bar) / alpha_bar) at sigma_i = (s_max^(1/rho) +
+    i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7 (Karras et al. 2022, eq. 5),
+    s_max = sigma(T - 1), s_min = sigma(0). Times between the integer timesteps invert the
+    log-linear alpha_bar of `alpha_bar_at`; the endpoints are exact."""
+    if time_schedule not in ("time", "logsnr", "karras"):
+        raise InputError(f"time schedule {time_schedule!r}: expected 'time', 'logsnr', 'karras'")
+    ac = np.asarray(alphas_cumprod, dtype=np.float64)
+    last = float(len(ac) - 1)
+    if n == 1:
+        return np.array([last])
+    if time_schedule == "time":
+        t = np.linspace(0.0, last, n)
+    else:
+        # sigma descending from sigma(T - 1) to sigma(0): t descending, reversed below
+        s_max, s_min = np.sqrt((1 - ac[-1]) / ac[-1]), np.sqrt((1 - ac[0]) / ac[0])
+        ramp = np.arange(n) / (n - 1)
+        if time_schedule == "logsnr":  # log sigma = -lambda, uniform
+            sigma = np.exp(np.log(s_max) + ramp * (np.log(s_min) - np.log(s_max)))
+        else:
+            inv_rho = 1 / KARRAS_RHO
+            sigma = (s_max**inv_rho + ramp * (s_min**inv_rho - s_max**inv_rho)) ** KARRAS_RHO
+        # log alpha_bar = -log(1 + sigma^2)
+        t = time_at_log_alpha_bar(ac, -np.log1p(sigma**2))[::-1].copy()
+        t[0], t[-1] = 0.0, last
+    if not (np.diff(t) > 0).all():
+        raise InputError(
+            f"schedule {time_schedule!r} with {n} steps: consecutive sampling times coincide "
+            "in float64; use fewer steps"
+        )
+    return t
+
+
+def betas_at_times(alphas_cumprod: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Betas of the process sampled at ascending times t: 1 - alpha_bar(t_i) / alpha_bar(t_{i-1})
+    (alpha_bar(t_{-1}) = 1), as respace_betas for kept integer timesteps."""
+    alpha_bar = alpha_bar_at(alphas_cumprod, t)
+    betas = 1 - alpha_bar / np.append(1.0, alpha_bar[:-1])
+    if not (betas > 0).all():
+        raise InputError(
+            f"{len(t)} sampling times: alpha_bar does not decrease between some of them in "
+            "float64; use fewer steps"
+        )
+    return betas
+
+
 @dataclass(frozen=True)
 class Coefficients:
     """Per-step float64 arrays of a (respaced) process, indexed by the respaced step."""
 
-    timestep_map: np.ndarray  # respaced index -> original integer timestep
+    # respaced index -> original timestep: int64 (respacing), float64 (a time schedule's)
+    timestep_map: np.ndarray
     betas: np.ndarray
     alphas_cumprod: np.ndarray
     alphas_cumprod_prev: np.ndarray
@@ -141,8 +259,9 @@ class Coefficients:
         return len(self.betas)
 
 
-def coefficients(betas: np.ndarray, timestep_map: Sequence[int]) -> Coefficients:
-    """GaussianDiffusion's derived arrays (Ho et al. eqs. 6-7), in float64."""
+def coefficients(betas: np.ndarray, timestep_map: Sequence[float]) -> Coefficients:
+    """GaussianDiffusion's derived arrays (Ho et al. eqs. 6-7), in float64; timestep_map is kept
+    int64 where its times are integers given as integers, else float64."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or not ((betas > 0) & (betas <= 1)).all():
         raise InputError("betas must be a 1-D array in (0, 1]")
@@ -157,8 +276,9 @@ def coefficients(betas: np.ndarray, timestep_map: Sequence[int]) -> Coefficients
             np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(post_var)
         )
     large = np.append(post_var[1], betas[1:]) if len(betas) > 1 else betas
+    tmap = np.asarray(timestep_map)
     return Coefficients(
-        timestep_map=np.asarray(timestep_map, dtype=np.int64),
+        timestep_map=tmap.astype(np.int64 if tmap.dtype.kind in "iu" else np.float64),
         betas=betas,
         alphas_cumprod=ac,
         alphas_cumprod_prev=ac_prev,
@@ -178,7 +298,10 @@ class Diffusion:
     """The diffusion process a checkpoint was trained with, and how sampling respaces it.
 
     Arguments carry the names of the reference's `create_gaussian_diffusion`; the training-only
-    ones (use_kl, rescale_learned_sigmas) do not matter at inference.
+    ones (use_kl, rescale_learned_sigmas) do not matter at inference. time_schedule (not the
+    reference's): "respace" keeps the timesteps the respacing spec names (the reference's
+    behaviour); "time", "logsnr" and "karras" take a step count n as timestep_respacing and
+    sample at n fractional times (see `sampling_times`).
     """
 
     steps: int = 1000
@@ -187,22 +310,31 @@ class Diffusion:
     timestep_respacing: str = ""
     predict_xstart: bool = False
     rescale_timesteps: bool = False
+    time_schedule: TimeSchedule = "respace"
 
     def __post_init__(self) -> None:
         # Validate eagerly so that a bad spec fails where it is given.
         object.__setattr__(self, "timestep_respacing", str(self.timestep_respacing))
         betas_for(self.noise_schedule, self.steps)
-        space_timesteps(self.steps, self.timestep_respacing)
+        if self.time_schedule == "respace":
+            space_timesteps(self.steps, self.timestep_respacing)
+        else:
+            schedule_steps(self.time_schedule, self.timestep_respacing)
+            self.coefficients()  # (cached) refuses step counts float64 cannot resolve
 
-    def respaced(self, timestep_respacing: str | int) -> Diffusion:
-        """The same process sampled with another respacing (e.g. "250", "ddim25")."""
-        return Diffusion(
-            self.steps,
-            self.noise_schedule,
-            self.learn_sigma,
-            str(timestep_respacing),
-            self.predict_xstart,
-            self.rescale_timesteps,
+    def respaced(
+        self, timestep_respacing: str | int | None, time_schedule: TimeSchedule | None = None
+    ) -> Diffusion:
+        """The same process sampled with another respacing (e.g. "250", "ddim25"; for a time
+        schedule other than "respace", a step count such as "10") and time schedule (None keeps
+        this one's). timestep_respacing None keeps this one's, or, going from "respace" to
+        another time schedule, takes its number of steps."""
+        schedule = self.time_schedule if time_schedule is None else time_schedule
+        if timestep_respacing is None:
+            keep = schedule == "respace" or self.time_schedule != "respace"
+            timestep_respacing = self.timestep_respacing if keep else self.num_steps
+        return dataclasses.replace(
+            self, timestep_respacing=str(timestep_respacing), time_schedule=schedule
         )
 
     @property
@@ -217,8 +349,9 @@ class Diffusion:
         return _coefficients(self)
 
     def model_timesteps(self) -> np.ndarray:
-        """What the networks receive at each respaced step: the original integer timestep, or
-        with rescale_timesteps the float t * 1000 / steps."""
+        """What the networks receive at each respaced step: the original integer timestep (a
+        float one under a time schedule other than "respace"), with rescale_timesteps times
+        1000 / steps."""
         tmap = self.timestep_map
         return tmap * (1000.0 / self.steps) if self.rescale_timesteps else tmap
 
@@ -226,6 +359,11 @@ class Diffusion:
 @functools.lru_cache(maxsize=64)
 def _coefficients(diffusion: Diffusion) -> Coefficients:
     base = betas_for(diffusion.noise_schedule, diffusion.steps)
+    if diffusion.time_schedule != "respace":
+        n = schedule_steps(diffusion.time_schedule, diffusion.timestep_respacing)
+        alphas_cumprod = np.cumprod(1.0 - base)
+        t = sampling_times(alphas_cumprod, n, diffusion.time_schedule)
+        return coefficients(betas_at_times(alphas_cumprod, t), t)
     kept = space_timesteps(diffusion.steps, diffusion.timestep_respacing)
     # The reference always respaces (even with every step kept), so betas come from alpha_bar
     # ratios: beta'_0 = 9.999999999998899e-05 rather than 1e-4 for the linear schedule.

@@ -51,6 +51,8 @@ def presets_cmd() -> None:
             f"{name:<26} {p.kind:<10}  {p.network.image_size}x{p.network.image_size}, "
             f"{d.noise_schedule}, steps {d.timestep_respacing} ({p.sampler})"
         )
+        if d.time_schedule != "respace":
+            line += f", {d.time_schedule} schedule"
         if p.classifier:
             line += f", guided by {p.classifier} at scale {p.classifier_scale}"
         if p.low_res_size:
@@ -108,6 +110,15 @@ def _parse_classes(text: str | None) -> list[int] | None:
 
 
 _DTYPES = ["fp32", "fp16", "bf16"]
+_SCHEDULES = ["respace", "time", "logsnr", "karras"]
+_SCHEDULE_LINES = """
+\b
+Time schedules (--schedule; the last three take a step count N, --steps 10, and fractional t):
+  respace  the timesteps --steps keeps, as the reference respaces (the default)
+  time     N times uniform in t, from 0 to T - 1
+  logsnr   N times uniform in log-SNR, lambda = log(alpha / sigma)
+  karras   N times at Karras et al.'s rho = 7 noise levels, sigma = sqrt(1 / alpha_bar - 1)
+"""
 
 
 @main.command(
@@ -124,7 +135,8 @@ Examples:
   fastsample sample
   # upsample a base model's samples 64 -> 256:
   fastsample sample --model 64_256_upsampler.pt --low-res out64/samples.npz
-""",
+"""
+    + _SCHEDULE_LINES,
 )
 @click.option(
     "--model",
@@ -140,7 +152,15 @@ Examples:
 )
 @click.option(
     "--steps",
-    help="Respacing: '250', '25', 'ddim25', '10,10,5', ... (default: the preset's README).",
+    help="Respacing: '250', 'ddim25', '10,10,5', ... (default: the preset's README); a step "
+    "count N under a time schedule (--schedule).",
+)
+@click.option(
+    "--schedule",
+    type=click.Choice(_SCHEDULES),
+    default=None,
+    help="Sampling times: respace (the default; an export directory: its own), time, logsnr or "
+    "karras (below).",
 )
 @click.option(
     "--sampler",
@@ -196,27 +216,9 @@ Examples:
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_one_line_errors
-def sample_cmd(
-    model,
-    classifier,
-    scale,
-    steps,
-    sampler,
-    eta,
-    num_samples,
-    batch_size,
-    classes,
-    seed,
-    device,
-    dtype,
-    low_res,
-    runtime,
-    backend,
-    kernels,
-    out_dir,
-    overwrite,
-    quiet,
-) -> None:
+def sample_cmd(model, classifier, scale, steps, schedule, sampler, eta, num_samples, batch_size,
+               classes, seed, device, dtype, low_res, runtime, backend, kernels, out_dir,
+               overwrite, quiet) -> None:  # fmt: skip
     """Generate images into OUT: shards, then OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels)
     and OUT/grid.png. Rerunning the same command resumes an interrupted run; under torchrun
     the batches are spread over the processes. --model also takes a `fastsample export`
@@ -230,6 +232,7 @@ def sample_cmd(
         classifier=classifier,
         scale=scale,
         steps=steps,
+        schedule=schedule,
         sampler=sampler,
         eta=eta,
         num_samples=num_samples,
@@ -323,7 +326,8 @@ Examples:
       --classifier 256x256_classifier.pt --dtype fp16 --max-batch 16 --out adm256-trt
   # AOTInductor packages for the native runner (fastsample-run):
   fastsample export --target aoti --steps ddim25 --out demo-aoti
-""",
+"""
+    + _SCHEDULE_LINES,
 )
 @click.option(
     "--target",
@@ -357,10 +361,11 @@ Examples:
 )
 @click.option(
     "--steps",
-    default="ddim25",
-    show_default=True,
-    help="Respacing written to schedule.json: 'ddim25', '250', '10,10,5', ...",
+    help="Respacing written to schedule.json: 'ddim25' (the default), '250', ...; a step count "
+    "N (default 25) under a time schedule (--schedule).",
 )
+@click.option("--schedule", type=click.Choice(_SCHEDULES), default="respace", show_default=True,
+              help="Sampling times written to schedule.json (below).")  # fmt: skip
 @click.option("--scale", type=float, help="Guidance scale recorded as the export's default.")
 @click.option(
     "--device",
@@ -370,9 +375,8 @@ Examples:
 @click.option("--out", "out_dir", required=True, help="Output directory (new or empty).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing export in --out.")
 @_one_line_errors
-def export_cmd(
-    target, model, classifier, dtype, max_batch, steps, scale, device, out_dir, overwrite
-) -> None:
+def export_cmd(target, model, classifier, dtype, max_batch, steps, schedule, scale, device,
+               out_dir, overwrite) -> None:  # fmt: skip
     """Export the UNet and the classifier-guidance gradient as deployable graphs, with
     schedule.json and manifest.json (sha256 of every file)."""
     from . import jobs
@@ -385,6 +389,7 @@ def export_cmd(
         dtype=dtype,
         max_batch=max_batch,
         steps=steps,
+        schedule=schedule,
         scale=scale,
         device=device,
         overwrite=overwrite,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .ops import Kernels
     from .sampler import SamplerName
     from .sampling import Runtime
+    from .schedule import TimeSchedule
 
 DType = Literal["auto", "fp32", "fp16", "bf16"]
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -56,6 +57,7 @@ class SampleRequest:
     kernels: Kernels = "auto"
     out: str | os.PathLike = "samples"
     overwrite: bool = False
+    schedule: TimeSchedule | None = None  # None: "respace", or an export directory's own
 
 
 def sample(
@@ -118,7 +120,8 @@ def sample(
             kernels=r.kernels,
         )
     # Whatever generate() would refuse, refused now, before out is touched.
-    pipe.check(r.num_samples, r.batch_size, labels, None, r.sampler, r.steps, r.seed, low)
+    pipe.check(r.num_samples, r.batch_size, labels, None, r.sampler, r.steps, r.seed, low,
+               r.schedule)  # fmt: skip
     settings = {
         "model": identity(model),
         "classifier": identity(classifier) if classifier is not None else None,
@@ -137,9 +140,11 @@ def sample(
     }
     if r.kernels != "auto":
         settings["kernels"] = r.kernels  # (absent for auto, as in runs made before the option)
+    if r.schedule not in (None, "respace"):
+        settings["schedule"] = r.schedule  # (absent for respace, as in runs made before it)
 
     bar = None
-    diffusion = pipe.diffusion if r.steps is None else pipe.diffusion.respaced(r.steps)
+    diffusion = pipe.diffusion.respaced(r.steps, time_schedule=r.schedule)  # as generate()'s
 
     def start(samples: int) -> None:
         nonlocal bar
@@ -155,6 +160,7 @@ def sample(
             classes=labels,
             sampler=r.sampler,
             steps=r.steps,
+            schedule=r.schedule,
             eta=r.eta,
             seed=r.seed,
             progress=bar or False,
@@ -193,10 +199,11 @@ class ExportRequest:
     classifier: str | None = None
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     max_batch: int = 64
-    steps: str = "ddim25"
+    steps: str | None = None  # None: "ddim25", or "25" under a time schedule other than respace
     scale: float | None = None
     device: str | None = None  # aoti: where the packages will run
     overwrite: bool = False
+    schedule: TimeSchedule = "respace"
 
 
 def export(request: ExportRequest, *, log: Callable[[str], None] = print) -> Path:
@@ -221,9 +228,10 @@ def export(request: ExportRequest, *, log: Callable[[str], None] = print) -> Pat
     # Traced from the fp32 reference networks on the CPU; the graphs' dtype is the export's.
     pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
     clf = pipe.classifier
+    steps = r.steps if r.steps is not None else "ddim25" if r.schedule == "respace" else "25"
     return export_graphs(
         pipe.model,
-        pipe.diffusion.respaced(r.steps),
+        pipe.diffusion.respaced(steps, time_schedule=r.schedule),
         r.out,
         classifier=clf,
         target=r.target,

@@ -36,7 +36,7 @@ from .sampling import (
     sample,
     sample_seed,
 )
-from .schedule import Diffusion
+from .schedule import Diffusion, TimeSchedule
 from .unet import Classifier, UNet
 
 Engine = Literal["fast", "eager"]
@@ -318,20 +318,25 @@ class Pipeline:
         low_res: np.ndarray | torch.Tensor | None = None,
         clip_denoised: bool = True,
         first_index: int = 0,
+        schedule: TimeSchedule | None = None,
     ) -> Generation:
         """Generate num_samples images; sample i uses seed (seed, first_index + i), whatever the
         batch size, so a run split into shards (first_index = shard start) gives the same images.
 
         classes: None draws a label per sample from its seed; an int gives every sample that
         class; a sequence is used in order (and repeated). steps: a respacing spec ("250",
-        "ddim25", ...; default: the preset's). sampler: without steps, the preset's; else "ddim"
-        for "ddimN" specs and "ddpm" otherwise. low_res (upsamplers): N low-resolution images,
-        uint8 NHWC or float [N, C, h, w]. progress: True for a bar of this call, or a bar of the
-        caller's (anything with update(n)) to advance by one per image and step.
+        "ddim25", ...; default: the preset's). schedule (default: the diffusion's, "respace"):
+        "respace" samples at the timesteps the spec keeps (the reference); "time" uniformly in
+        t, "logsnr" in log-SNR, "karras" at Karras et al.'s rho = 7 noise levels, at fractional
+        timesteps, taking a step count as steps (default: the preset's number of steps).
+        sampler: without steps, the preset's; else "ddim" for "ddimN" specs and "ddpm"
+        otherwise. low_res (upsamplers): N low-resolution images, uint8 NHWC or float
+        [N, C, h, w]. progress: True for a bar of this call, or a bar of the caller's (anything
+        with update(n)) to advance by one per image and step.
         """
         diffusion, sampler, scale, labels, low = self._request(
             num_samples, batch_size, classes, guidance_scale, sampler, steps, seed, low_res,
-            first_index,
+            first_index, schedule,
         )  # fmt: skip
         cfg = self.config
         net, clf = self._networks(diffusion, scale != 0)
@@ -385,13 +390,14 @@ class Pipeline:
         steps: str | int | None = None,
         seed: int = 0,
         low_res: np.ndarray | torch.Tensor | None = None,
+        schedule: TimeSchedule | None = None,
     ) -> None:
         """Raise ValueError where generate() with these arguments would, without sampling."""
         self._request(num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-                      low_res, 0)  # fmt: skip
+                      low_res, 0, schedule)  # fmt: skip
 
     def _request(self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-                 low_res, first_index):  # fmt: skip
+                 low_res, first_index, schedule=None):  # fmt: skip
         """generate()'s arguments checked and resolved: (diffusion, sampler, scale, labels,
         low_res)."""
         if not isinstance(num_samples, int) or num_samples < 1:
@@ -402,7 +408,7 @@ class Pipeline:
             raise InputError(f"seed={seed!r}: expected a non-negative integer")
         if not isinstance(first_index, int) or first_index < 0:
             raise InputError(f"first_index={first_index!r}: expected a non-negative integer")
-        diffusion = self.diffusion if steps is None else self.diffusion.respaced(str(steps))
+        diffusion = self.diffusion.respaced(steps, time_schedule=schedule)  # (None: as is)
         if sampler is None:
             preset = PRESETS.get(self.preset or "")
             if steps is None and preset is not None:

@@ -9,8 +9,10 @@
 - "onednn": the CPU path. Activations channels_last, convolutions on oneDNN with their weights
   reordered once into its blocked layout (and, for the guidance gradient, the input gradient as
   a second pre-packed convolution instead of autograd's convolution backward), attention as
-  fused scaled-dot-product attention on [N, T, C] tokens. fp32 on CPU only; anything else (other
-  dtypes, trainable weights, strided or grouped convolutions) runs the torch ops.
+  fused scaled-dot-product attention on [N, T, C] tokens. float32, and bfloat16 where oneDNN has
+  it (AVX-512 cores): convolutions and projections in bf16 (fp32 accumulation), GroupNorm
+  statistics and the attention logits and softmax in fp32. Anything else (other dtypes, trainable
+  weights, grouped convolutions) runs the torch ops.
 
 A network holds its choice in one `KernelChoice`, shared by its modules and resolved per device
 when they run ("auto": triton on CUDA where Triton is installed, onednn on a CPU torch built with
@@ -19,6 +21,7 @@ it, else torch); `model.set_kernels(...)` changes it.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Literal
@@ -155,24 +158,46 @@ def group_norm(
             return kernel.group_norm(
                 x, num_groups, weight, bias, eps, scale=scale, shift=shift, silu=silu
             )
-    if kernels == "onednn" and x.dtype == torch.float32 and x.device.type == "cpu":
+    if kernels == "onednn" and onednn_dtype(x.dtype) and x.device.type == "cpu":
         return _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu)
     return group_norm_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
 
 
+# Above this |mean| / std of a group, torch's one-pass variance loses more than a few fp32 ulps
+# (measured on 8192-element groups: 3.5e-6 relative at 4, 1e-5 at 8, 2e-3 at 100). The demo
+# networks' activations stay below 4.3.
+_CENTRE_ABOVE = 4.0
+
+
 def _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu):
-    """The same function in fewer passes over x (fp32): with one sample, the scale-shift folds
-    into the norm's per-channel affine; otherwise one addcmul. SiLU in place where autograd
-    does not record."""
-    if scale is not None and x.shape[0] == 1:
-        factor = 1 + scale[0]
-        weight = factor if weight is None else weight * factor
-        bias = shift[0] if bias is None else torch.addcmul(shift[0], bias, factor)
+    """The same function in fewer passes over x. The statistics and the affine run in fp32 for
+    fp32 and bf16 x alike (torch's mixed-precision GroupNorm), rounded once to x's dtype; with
+    one sample the scale-shift folds into that affine, otherwise it is one addcmul in x's dtype
+    (as the reference); then SiLU, in place where autograd does not record.
+
+    torch's CPU GroupNorm sums x and x*x in one pass on channels_last maps, which loses the
+    variance of a group far from zero (1e-2 relative error at |mean| / std = 1000, where the
+    two-pass statistics of contiguous maps are exact): where a group's |mean| / std exceeds
+    _CENTRE_ABOVE, the map is normalised again in fp32 after subtracting each group's first
+    element (GroupNorm ignores a per-group shift; the Triton kernel shifts the same way)."""
+    n, c = x.shape[:2]
+    if scale is not None and n == 1:
+        factor = 1 + scale[0].float()
+        weight = factor if weight is None else weight.float() * factor
+        bias = shift[0].float() if bias is None else torch.addcmul(shift[0].float(), bias, factor)
         scale = None
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    x = x if channels_last else x.contiguous()
+    spatial = x[0, 0].numel()
+    y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, spatial, num_groups, eps)
+    if channels_last and (mean.abs() * rstd).amax() > _CENTRE_ABOVE:
+        pivot = x.detach()[:, :: c // num_groups, :1, :1].float()  # [N, G, 1, 1]
+        centred = x.float() - pivot.repeat_interleave(c // num_groups, dim=1)
+        y = F.group_norm(centred, num_groups, weight, bias, eps).to(x.dtype)
     if scale is not None:
         shape = (*scale.shape, *([1] * (x.ndim - 2)))
-        y = torch.addcmul(shift.reshape(shape), y, 1 + scale.reshape(shape))
+        scale, shift = (1 + scale.reshape(shape)).to(y.dtype), shift.reshape(shape).to(y.dtype)
+        y = torch.addcmul(shift, y, scale)
     if silu:
         y = F.silu(y, inplace=not (torch.is_grad_enabled() and y.requires_grad))
     return y
@@ -232,9 +257,20 @@ def token_attention(qkv: torch.Tensor, heads: int, order: str = "legacy") -> tor
     return out.transpose(1, 2).reshape(n, t, heads * d)
 
 
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether the onednn kernels run this dtype: float32, and bfloat16 where oneDNN has bf16
+    kernels for this CPU (AVX-512; else torch's bf16 ops run, slowly)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _onednn_bf16())
+
+
+@functools.cache
+def _onednn_bf16() -> bool:
+    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def onednn_eligible(x: torch.Tensor) -> bool:
     """Whether the onednn kernels' fast path takes this activation (else the torch ops)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.ndim == 4
+    return x.device.type == "cpu" and onednn_dtype(x.dtype) and x.ndim == 4
 
 
 class _PackedConv:
@@ -295,6 +331,8 @@ def winograd_suits(packed: _PackedConv, x: torch.Tensor) -> bool:
     (bench: winograd vs packed per layer): 3x3, stride 1, padding 1, even 16x16 to 32x32 maps
     with wide channels. A fixed rule, so a run's arithmetic never depends on timing."""
     if packed.kernel != [3, 3] or packed.padding != [1, 1] or not packed.has_input_grad:
+        return False
+    if x.dtype != torch.float32:  # oneDNN's bf16 convolutions are faster (bench.cpu_bf16)
         return False
     _, c_in, height, width = x.shape
     c_out = packed.conv().out_channels
@@ -369,13 +407,13 @@ def _pack_key(conv: torch.nn.Conv2d) -> tuple:
 
 
 def conv2d(conv: torch.nn.Conv2d, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
-    """conv(x); on the onednn kernels with pre-packed weights where it applies (fp32 on the
-    CPU, groups 1, zero padding, weights frozen where autograd records)."""
+    """conv(x); on the onednn kernels with pre-packed weights where it applies (fp32 or bf16 on
+    the CPU, groups 1, zero padding, weights frozen where autograd records)."""
     args = (conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
     if (
         kernels != "onednn"
         or not onednn_eligible(x)
-        or conv.weight.dtype != torch.float32
+        or conv.weight.dtype != x.dtype
         or conv.groups != 1
         or conv.padding_mode != "zeros"
         or isinstance(conv.padding, str)
@@ -412,14 +450,14 @@ class _PackedLinear:
 
 def linear(module: torch.nn.Module, x: torch.Tensor, kernels: str = "torch") -> torch.Tensor:
     """A 1x1 projection (an nn.Conv1d with kernel 1, or an nn.Linear) applied to tokens
-    [..., I] -> [..., O]; pre-packed oneDNN weights on the onednn kernels (fp32 CPU, frozen
-    weights where autograd records)."""
+    [..., I] -> [..., O]; pre-packed oneDNN weights on the onednn kernels (fp32 or bf16 on the
+    CPU, frozen weights where autograd records)."""
     weight = module.weight.flatten(1)
     if (
         kernels != "onednn"
         or x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or weight.dtype != torch.float32
+        or not onednn_dtype(x.dtype)
+        or weight.dtype != x.dtype
         or not x.is_contiguous()
     ):
         return F.linear(x, weight, module.bias)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -141,8 +141,10 @@ class FastEngine:
         return netfns.guidance_fn(self._classifier, y, layout=self._layout)
 
     def sample(self, sampler, diffusion, noise, *, y=None, model_y=None, low_res=None,
-               eta=0.0, guidance_scale=0.0, clip_denoised=True, callback=None):  # fmt: skip
-        """x_0 from noise(0) = x_T (noise(k): the fresh noise of step k), as sampler.run.
+               eta=0.0, guidance_scale=0.0, guidance_interval=None, guidance_every=1,
+               stable_guidance=False, clip_denoised=True, callback=None):  # fmt: skip
+        """x_0 from noise(0) = x_T (noise(k): the fresh noise of step k), as sampler.run (the
+        same guidance plan: interval, every k-th step, stable guidance).
 
         Where the fused kernel runs (CUDA; the CPU under TRITON_INTERPRET=1) the loop runs on
         static buffers kept per request shape (`_Static`): a run's later batches of the same
@@ -150,6 +152,8 @@ class FastEngine:
         if eta < 0:
             raise InputError(f"eta={eta}: expected >= 0")
         guided = self.classifier is not None and guidance_scale != 0
+        plan = solvers.guidance_plan(sampler, diffusion, guidance_interval, guidance_every,
+                                     stable_guidance)  # fmt: skip
         x_T, fresh = noise(0), noise  # drawn once: noise sources are streams
 
         def noise(k: int) -> torch.Tensor:
@@ -157,13 +161,17 @@ class FastEngine:
 
         with torch.no_grad():
             if self._fused_update(sampler, diffusion, x_T.shape, guided, eta, clip_denoised):
+                if guided:
+                    solvers.warn_unstable(plan, sampler)
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
                                          model_y, low_res, float(eta), float(guidance_scale),
-                                         bool(clip_denoised), callback)  # fmt: skip
+                                         bool(clip_denoised), callback, plan)  # fmt: skip
             return solvers.run(
                 sampler, self.model_fn(model_y, low_res), diffusion, noise,
                 guidance=self.guidance_fn(y) if guided else None, guidance_scale=guidance_scale,
-                eta=eta, clip_denoised=clip_denoised, callback=callback,
+                guidance_interval=guidance_interval, guidance_every=guidance_every,
+                stable_guidance=stable_guidance, eta=eta, clip_denoised=clip_denoised,
+                callback=callback,
             )  # fmt: skip
 
     def _fused_update(self, sampler, diffusion, shape, guided, eta, clip) -> bool:
@@ -182,14 +190,18 @@ class FastEngine:
         )  # fmt: skip
         return use == "fused"
 
-    def _step_body(self, st: _Static, x: torch.Tensor) -> None:
-        """One step on static buffers: t from the device step index, the model and the
-        gradient (on a side stream when enabled), the fused update written into x in place."""
+    def _step_body(self, st: _Static, x: torch.Tensor, compute: bool = True) -> None:
+        """One step on static buffers: t from the device step index, the model and (where
+        `compute`) the gradient (on a side stream when enabled), the fused update written into
+        x in place. Where the plan reuses gradients they live in st.grad, and the update
+        weighs them by the step's guide weight (0 where the plan does not guide)."""
         from fastsample.kernels.sampler_step import sampler_step
 
         t = st.tables["t_model"].index_select(0, st.step.long().reshape(1)).expand(x.shape[0])
-        grad = None
-        if st.guidance is not None and self.streams:
+        grad = st.grad
+        if st.guidance is None or not compute:
+            out = st.model(x, t)
+        elif self.streams:
             side = self._side
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -198,8 +210,10 @@ class FastEngine:
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:
             out = st.model(x, t)
-            if st.guidance is not None:
-                grad = st.guidance(x, t)
+            grad = st.guidance(x, t)
+        if compute and st.grad is not None and grad is not st.grad:
+            st.grad.copy_(grad)
+            grad = st.grad
         spec = st.spec
         sampler_step(
             st.solver.name,
@@ -209,6 +223,7 @@ class FastEngine:
             st.tables,
             grad=grad,
             scale=st.scale,
+            guide=st.guide,
             z=st.z,
             history=st.history,
             clip=spec.clip,
@@ -218,7 +233,8 @@ class FastEngine:
             x0=st.x0,
         )  # fmt: skip  (in place: each element is read, then written)
 
-    def _prepare(self, key, sampler, diffusion, shape, y, model_y, low_res, eta, scale, clip):
+    def _prepare(self, key, sampler, diffusion, shape, y, model_y, low_res, eta, scale, clip,
+                 plan):  # fmt: skip
         """Static buffers (and on CUDA the captured step) for one request shape."""
         solver = solvers.get_solver(sampler)
         device = self.device
@@ -234,12 +250,15 @@ class FastEngine:
             x=torch.zeros(shape, device=device),
             z=torch.zeros(shape, device=device) if solver.adds_noise(eta) else None,
             x0=torch.zeros(shape, device=device),
-            history=torch.zeros(shape, device=device) if solver.multistep else None,
+            history=_zeros(solver.history_shape(tuple(shape)), device),
             step=torch.full((), diffusion.num_steps - 1, dtype=torch.int32, device=device),
             y=static(y),
             model_y=static(model_y),
             low_res=static(low_res),
         )
+        if y is not None and not plan.everywhere:  # steps that skip or reuse the gradient
+            st.grad = torch.zeros(shape, device=device)
+            st.guide = torch.tensor(plan.use, dtype=torch.float32, device=device)
         st.model = self.model_fn(st.model_y, st.low_res)
         st.guidance = self.guidance_fn(st.y) if st.y is not None else None
         if self._model is not self.model:
@@ -252,6 +271,8 @@ class FastEngine:
         if self.cuda_graphs:
             st.graph_class = selfcheck.graph_class(solver.name, tuple(shape), self._dtype,
                                                    self._params, st.y is not None)  # fmt: skip
+            if st.grad is not None:
+                st.graph_class += " guidance-plan"
             st.verdict = selfcheck.cached("cuda_graph", st.graph_class, device)
             st.capture_at = self._capture_step(st.verdict, diffusion.num_steps,
                                                first=not self._static)  # fmt: skip
@@ -275,87 +296,90 @@ class FastEngine:
                 return 0
         return self.WARMUP_STEPS + 1
 
-    def _capture(self, st: _Static):
+    def _capture(self, st: _Static, compute: bool):
         """Record one step on the static buffers (CUDA graph)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step_body(st, st.x)
+            self._step_body(st, st.x, compute)
         return graph
 
-    def _eager_step(self, st: _Static) -> None:
+    def _eager_step(self, st: _Static, compute: bool) -> None:
         """One step outside a graph; before a capture on the warm-up stream (libraries set
         themselves up on the stream they first run on)."""
         if self._warm is None:
-            self._step_body(st, st.x)
+            self._step_body(st, st.x, compute)
             return
         current = torch.cuda.current_stream(self.device)
         self._warm.wait_stream(current)
         with torch.cuda.stream(self._warm):
-            self._step_body(st, st.x)
+            self._step_body(st, st.x, compute)
         current.wait_stream(self._warm)
 
-    def _capture_and_step(self, st: _Static) -> None:
-        """Step k = capture_at: capture the step, replay it, and (the first time on this
-        machine, when self-checking) compare that replay with an eager step from the same state,
-        keeping the eager result and dropping the graph where they disagree."""
+    def _capture_and_step(self, st: _Static, compute: bool) -> None:
+        """A step at or after capture_at whose kind (computing the gradient or not) has no
+        graph yet: capture it, replay it, and (the first time on this machine, when
+        self-checking) compare that replay with an eager step from the same state, keeping the
+        eager result and dropping the graphs where they disagree."""
         check = self.self_check and st.verdict is None
         ms: dict[str, float] = {}
+        state = [t for t in (st.x, st.history, st.grad) if t is not None]
         if check:
-            state = [t for t in (st.x, st.history) if t is not None]
             saved = [t.clone() for t in state]
             with selfcheck.stopwatch(self.device, ms, "eager"):
-                self._eager_step(st)
-            eager = [t.clone() for t in (st.x, st.x0, st.history) if t is not None]
+                self._eager_step(st, compute)
+            eager = [t.clone() for t in (st.x, st.x0, *state[1:])]
             for t, v in zip(state, saved, strict=True):
                 t.copy_(v)
         with selfcheck.stopwatch(self.device, ms, "capture"):
-            st.graph = self._capture(st)
+            st.graphs[compute] = self._capture(st, compute)
         with selfcheck.stopwatch(self.device, ms, "graph"):
-            st.graph.replay()
+            st.graphs[compute].replay()
         if not check:
             return
-        replayed = [t for t in (st.x, st.x0, st.history) if t is not None]
+        replayed = [st.x, st.x0, *state[1:]]
         verdict = selfcheck.graph_verdict(st.graph_class, self._dtype, tuple(replayed),
                                           tuple(eager), ms)  # fmt: skip
         selfcheck.record(verdict, self.device)
         st.verdict = verdict
         if verdict.use != "graph":
-            st.graph = None
+            st.graphs.clear()
+            st.capture_at = 0  # eager from now on
             for t, v in zip(replayed, eager, strict=True):
                 t.copy_(v)
 
     def _static_loop(self, sampler, diffusion, noise, y, model_y, low_res, eta, scale, clip,
-                     callback):  # fmt: skip
+                     callback, plan):  # fmt: skip
         x_t = noise(0).float()
         key = (
             tuple(x_t.shape), sampler, diffusion, eta, scale, clip, y is not None,
             model_y is not None, None if low_res is None else tuple(low_res.shape),
+            plan if y is not None else None,
         )  # fmt: skip
         st = self._static.get(key)
         if st is None:
             st = self._prepare(key, sampler, diffusion, x_t.shape, y, model_y, low_res, eta,
-                               scale, clip)  # fmt: skip
+                               scale, clip, plan)  # fmt: skip
         for buffer, value in ((st.y, y), (st.model_y, model_y), (st.low_res, low_res)):
             if buffer is not None:
                 buffer.copy_(value)
         st.x.copy_(x_t)
-        if st.history is not None:
-            st.history.zero_()
+        for buffer in (st.history, st.grad):
+            if buffer is not None:
+                buffer.zero_()
         n = diffusion.num_steps
         for k in range(1, n + 1):
             st.step.fill_(n - k)
+            compute = plan.compute[n - k] if st.grad is not None else True
             if st.solver.draws_noise:
                 fresh = noise(k)  # every step, in the eager loop's order
                 if st.z is not None:
                     st.z.copy_(fresh)
-            if st.graph is not None:
-                st.graph.replay()
-            elif k == st.capture_at:
-                self._capture_and_step(st)
-                if st.graph is None:
-                    st.capture_at = 0  # eager from now on
+            if compute in st.graphs:
+                st.graphs[compute].replay()
+            elif st.capture_at and k >= st.capture_at:
+                self._capture_and_step(st, compute)
             else:
-                self._eager_step(st)
+                self._eager_step(st, compute)
             if callback is not None:
                 callback(k, st.x.clone(), st.x0.clone())
         return st.x.clone()
@@ -365,7 +389,8 @@ class FastEngine:
 class _Static:
     """One request shape's static buffers: x_t, the step's noise, x0, the multistep history,
     the step index, labels and low-resolution inputs; the model and guidance functions bound to
-    them; on CUDA the captured step graph."""
+    them; on CUDA the captured step graphs (one that computes the gradient, and where the
+    guidance plan skips or reuses it, one that does not)."""
 
     solver: solvers.Solver
     tables: solvers.Tables
@@ -381,7 +406,13 @@ class _Static:
     low_res: torch.Tensor | None
     model: netfns.ModelFn | None = None
     guidance: netfns.GuidanceFn | None = None
-    graph: torch.cuda.CUDAGraph | None = None
+    grad: torch.Tensor | None = None  # the last gradient, where the plan reuses or skips it
+    guide: torch.Tensor | None = None  # float32 per-step guide weights (0 or 1), with grad
+    graphs: dict[bool, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by `compute`
     graph_class: str = ""
     capture_at: int = 0  # the step k at which the graph is captured (0: never)
     verdict: selfcheck.Check | None = None  # the graph's self-check verdict, once known
+
+
+def _zeros(shape: tuple[int, ...] | None, device) -> torch.Tensor | None:
+    return None if shape is None else torch.zeros(shape, device=device)

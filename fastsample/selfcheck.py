@@ -232,7 +232,8 @@ def _check_fused_update(solver, tables, spec, shape, device, guided, adds_noise,
         out = _randn(out_shape, gen, torch.float32, device).clamp(-3, 3)
         grad = _randn(shape, gen, torch.float32, device) if guided else None
         z = _randn(shape, gen, torch.float32, device) if adds_noise else None
-        history = _randn(shape, gen, torch.float32, device) if solver.multistep else None
+        hist_shape = solver.history_shape(shape)
+        history = None if hist_shape is None else _randn(hist_shape, gen, torch.float32, device)
         data.append((x, out, grad, z, history))
     scale = 2.5 if guided else 0.0
     index = [torch.full((), i, dtype=torch.int32, device=device) for i in steps]

@@ -80,8 +80,10 @@ def _step_kernel(
         x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
     if GUIDED:
         g = tl.load(GRAD + offs, mask=mask, other=0.0).to(tl.float32) * scale
+        weight = 1.0
         if WEIGHTED:  # the step's guidance weight (0 or 1: the run's guidance plan)
-            g = g * tl.load(GUIDE + i)
+            weight = tl.load(GUIDE + i)
+            g = g * weight
     if SAMPLER == 1:  # ancestral, learned or fixed variance
         if LEARN_SIGMA:
             v = tl.load(OUT + out_offs + C * HW, mask=mask, other=0.0).to(tl.float32)
@@ -99,8 +101,9 @@ def _step_kernel(
                 xn = mean + tl.exp(0.5 * log_var) * z
     else:
         if GUIDED:  # the reference's condition_score: eps - sqrt(1 - alpha_bar) * guide
-            e = (sra * x - x0) / srm1 - tl.load(S1M + i) * g
-            x0 = sra * x - srm1 * e
+            if weight != 0.0:  # (an unguided step skips the x0 -> eps -> x0 round trip)
+                e = (sra * x - x0) / srm1 - tl.load(S1M + i) * g
+                x0 = sra * x - srm1 * e
         if SAMPLER == 0:
             e2 = (sra * x - x0) / srm1
             xn = x0 * tl.load(SQRT_AC_PREV + i) + tl.load(DIR + i) * e2

@@ -2,6 +2,9 @@
 CUDA graphs on a GPU) against the reference implementation's guided sampling runs, step by step.
 The networks run on the torch kernels here (their Triton kernels: test_networks.py)."""
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 
@@ -78,6 +81,50 @@ def test_engine_dpmpp_2m_matches_eager_sampler(golden, engine):
                   guidance_scale=1.5, noise=noise)  # fmt: skip
     got = engine.sample("dpm++2m", d, lambda k: noise[k], y=y, model_y=y, guidance_scale=1.5)
     assert rel_err(got, want) < TOL
+
+
+@pytest.mark.parametrize(
+    "sampler,budget",
+    [
+        ("dpm++3m", {}),
+        ("dpm++2m-sde", {"guidance_every": 2}),
+        ("unipc", {"guidance_interval": (0, 600)}),
+        ("unipc3", {"guidance_interval": (100, 999), "guidance_every": 2}),
+        ("ipndm", {"stable_guidance": True}),
+    ],
+)
+def test_engine_new_solvers_and_guidance_plans_match_the_eager_loop(engine, sampler, budget):
+    """Each new solver and guidance plan on the engine's static buffers (the gradient kept in
+    a buffer, weighed by the plan's per-step guide table) against the eager loop."""
+    from fastsample import sampler as solvers
+    from fastsample.netfns import guidance_fn, model_fn
+
+    d = Diffusion(noise_schedule="cosine", timestep_respacing="6")
+    y = torch.tensor([2, 8]).to(KERNEL_DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(d.num_steps + 1, 2, 3, 16, 16, generator=gen).to(KERNEL_DEVICE)
+    # cosine "6" starts at t = 999: one line warns, unless the interval leaves it out
+    lo, hi = budget.get("guidance_interval", (0, 999))
+
+    def warns():
+        return pytest.warns(UserWarning, match="t = 999") if hi >= 999 else _no_warning()
+
+    with torch.no_grad(), warns():
+        want = solvers.run(
+            sampler, model_fn(engine.model, y), d, lambda k: noise[k],
+            guidance=guidance_fn(engine.classifier, y), guidance_scale=1.5, **budget,
+        )  # fmt: skip
+    with warns():
+        got = engine.sample(sampler, d, lambda k: noise[k], y=y, model_y=y, guidance_scale=1.5,
+                            **budget)  # fmt: skip
+    assert rel_err(got, want) < TOL
+
+
+@contextlib.contextmanager
+def _no_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
 
 
 def test_engine_reuses_its_static_buffers_across_batches(golden, engine, monkeypatch):

@@ -279,13 +279,13 @@ class _Replay:
     """Stands in for a captured CUDA graph off CUDA: replay runs the step body on the static
     buffers (corrupt: then scales x, as a wrongly captured graph might)."""
 
-    def __init__(self, engine, st, corrupt=False):
-        self.engine, self.st, self.corrupt = engine, st, corrupt
+    def __init__(self, engine, st, compute, corrupt=False):
+        self.engine, self.st, self.compute, self.corrupt = engine, st, compute, corrupt
         self.replays = 0
 
     def replay(self):
         self.replays += 1
-        self.engine._step_body(self.st, self.st.x)
+        self.engine._step_body(self.st, self.st.x, self.compute)
         if self.corrupt:
             self.st.x.mul_(1.1)
 
@@ -315,8 +315,8 @@ def _graph_engine(model, clf, monkeypatch, corrupt=False, replay_ms=1.0):
     monkeypatch.setattr(selfcheck, "fused_update_choice", lambda *args: "fused")
     captured = []
 
-    def capture(st):
-        captured.append(_Replay(engine, st, corrupt))
+    def capture(st, compute):
+        captured.append(_Replay(engine, st, compute, corrupt))
         return captured[-1]
 
     monkeypatch.setattr(engine, "_capture", capture)
@@ -341,7 +341,7 @@ def test_graph_replay_is_checked_then_trusted(monkeypatch, no_fma_contraction):
     assert rel_err(got, want) < 1e-6
     # A new engine (another run) trusts the cached verdict: captures, checks nothing.
     engine2, captured2 = _graph_engine(model, clf, monkeypatch)
-    engine2._eager_step = lambda st: pytest.fail("an eager step after the cached verdict")
+    engine2._eager_step = lambda st, compute: pytest.fail("an eager step after the cached verdict")
     monkeypatch.setattr(engine2, "WARMUP_STEPS", 0)
     got, _, _ = _run(engine2, d)
     assert len(captured2) == 1 and rel_err(got, want) < 1e-6

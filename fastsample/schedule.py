@@ -193,8 +193,9 @@ def sampling_times(
     0.5 log(alpha_bar / (1 - alpha_bar)) (Lu et al. 2022, DPM-Solver's "logSNR" skip type).
     "karras": sigma = sqrt((1 - alpha_bar) / alpha_bar) at sigma_i = (s_max^(1/rho) +
     i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7 (Karras et al. 2022, eq. 5),
-    s_max = sigma(T - 1), s_min = sigma(0). Times between the integer timesteps invert the
-    log-linear alpha_bar of `alpha_bar_at`; the endpoints are exact."""
+    s_max = sigma(T - 1) (sigma(T - 2) where beta(T - 1) is clipped, see below), s_min =
+    sigma(0). Times between the integer timesteps invert the log-linear alpha_bar of
+    `alpha_bar_at`; the endpoints are exact."""
     if time_schedule not in ("time", "logsnr", "karras"):
         raise InputError(f"time schedule {time_schedule!r}: expected 'time', 'logsnr', 'karras'")
     ac = np.asarray(alphas_cumprod, dtype=np.float64)
@@ -204,8 +205,16 @@ def sampling_times(
     if time_schedule == "time":
         t = np.linspace(0.0, last, n)
     else:
-        # sigma descending from sigma(T - 1) to sigma(0): t descending, reversed below
-        s_max, s_min = np.sqrt((1 - ac[-1]) / ac[-1]), np.sqrt((1 - ac[0]) / ac[0])
+        # sigma descending from sigma(T - 1) to sigma(0): t descending, reversed below. Where
+        # the last timestep's log-SNR drop is over 3x the one before (the cosine schedule clips
+        # beta(T - 1) to 0.999: lambda falls from -6.5 to -9.9 in that one step), spacing to
+        # sigma(T - 1) would crowd half the steps into t > 998: the spacing then ends at T - 2,
+        # and its first time moves to T - 1.
+        top = len(ac) - 1
+        lam = 0.5 * np.log(ac[-3:] / (1 - ac[-3:])) if len(ac) >= 3 else None
+        if lam is not None and lam[1] - lam[2] > 3 * (lam[0] - lam[1]):
+            top -= 1
+        s_max, s_min = np.sqrt((1 - ac[top]) / ac[top]), np.sqrt((1 - ac[0]) / ac[0])
         ramp = np.arange(n) / (n - 1)
         if time_schedule == "logsnr":  # log sigma = -lambda, uniform
             sigma = np.exp(np.log(s_max) + ramp * (np.log(s_min) - np.log(s_max)))

@@ -91,13 +91,18 @@ def test_times_follow_the_closed_forms_for_every_step_count(time_schedule, noise
         assert log_ab[0] == np.log(ac[0]) and log_ab[-1] == np.log(ac[-1])
         if time_schedule == "time":
             assert np.array_equal(t, np.linspace(0, 999, n))
-        elif time_schedule == "logsnr":
-            lam = _log_snr(log_ab)
-            step = (_log_snr(np.log(ac[0])) - _log_snr(np.log(ac[-1]))) / (n - 1)
+            continue
+        # The cosine schedule clips beta(999) to 0.999: the spacing then runs to t = 998, and
+        # its first time is moved to 999 (the linear schedule spaces to 999 itself).
+        top = 998 if noise_schedule == "cosine" else 999
+        log_top = log_alpha_bar_at(ac, np.append(t[:-1], float(top)))
+        if time_schedule == "logsnr":
+            lam = _log_snr(log_top)
+            step = (_log_snr(np.log(ac[0])) - _log_snr(np.log(ac[top]))) / (n - 1)
             assert np.abs(np.diff(lam) + step).max() < 1e-12, n  # lambda falls uniformly
         else:
-            sigma = np.sqrt(-np.expm1(log_ab) / np.exp(log_ab))[::-1]  # descending
-            s_max, s_min = np.sqrt((1 - ac[-1]) / ac[-1]), np.sqrt((1 - ac[0]) / ac[0])
+            sigma = np.sqrt(-np.expm1(log_top) / np.exp(log_top))[::-1]  # descending
+            s_max, s_min = np.sqrt((1 - ac[top]) / ac[top]), np.sqrt((1 - ac[0]) / ac[0])
             i, rho = np.arange(n), 7.0
             a, b = s_max ** (1 / rho), s_min ** (1 / rho)
             expected = (a + i / (n - 1) * (b - a)) ** rho

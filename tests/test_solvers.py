@@ -162,3 +162,55 @@ def test_ipndm_matches_the_variance_exploding_form(respacing, schedule):
     model = _model(shape)
     ours = _run("ipndm", diffusion, model, noise)
     assert _rel(ours, _ipndm_ve(diffusion, model, noise)) < 1e-5
+
+
+# -- convergence order on Gaussian data ----------------------------------------------------------
+
+
+def _gaussian_problem(mu=0.3, s=0.5):
+    """Data N(mu, s^2) per element: the exact eps prediction is known, and so is the probability
+    flow ODE's solution: x_t maps to mu + s (x_t - alpha mu) / sqrt(alpha^2 s^2 + sigma^2)."""
+
+    def model_for(diffusion):
+        times = diffusion.model_timesteps()
+        table = diffusion.coefficients().alphas_cumprod
+
+        def model(x, t):  # (t arrives as float32: the step is the nearest time)
+            ac = torch.tensor([table[np.abs(times - v).argmin()] for v in t.tolist()],
+                              dtype=torch.float64)  # fmt: skip
+            ac = ac.reshape(-1, 1, 1, 1)
+            a, sg = ac.sqrt(), (1 - ac).sqrt()
+            x = x.double()
+            # E[eps | x_t] for Gaussian data
+            return (sg * (x - a * mu) / (a**2 * s**2 + sg**2)).float()
+
+        return model
+
+    def exact(diffusion, x_T):
+        ac = float(diffusion.coefficients().alphas_cumprod[-1])
+        a, sg = np.sqrt(ac), np.sqrt(1 - ac)
+        return mu + s * (x_T.double() - a * mu) / np.sqrt(a**2 * s**2 + sg**2)
+
+    return model_for, exact
+
+
+def _ode_error(sampler, n):
+    model_for, exact = _gaussian_problem()
+    diffusion = Diffusion(noise_schedule="linear", learn_sigma=False, timestep_respacing=str(n),
+                          time_schedule="logsnr")  # fmt: skip
+    x_T = torch.randn((1, 1, 16, 16), generator=torch.Generator().manual_seed(0)) * 1.0
+    out = solvers.run(sampler, model_for(diffusion), diffusion, lambda k: x_T, clip_denoised=False)
+    return float((out.double() - exact(diffusion, x_T)).abs().max())
+
+
+@pytest.mark.parametrize(
+    "sampler,order", [("ddim", 1), ("dpm++3m", 3), ("unipc", 2), ("unipc3", 3), ("ipndm", 2)]
+)
+def test_convergence_order_on_gaussian_data(sampler, order):
+    """Going from 10 to 40 log-SNR-uniform steps divides the error by about 4^order: the
+    observed order is at least order - 0.5 (measured: ddim 0.99, dpm++3m 3.3, unipc 2.8,
+    unipc3 4.4, ipndm 2.1; iPNDM's fourth order shows only at more steps). Above 40 steps the
+    float32 tables' rounding starts to show, so the pair stops there."""
+    e1, e2 = _ode_error(sampler, 10), _ode_error(sampler, 40)
+    observed = np.log2(e1 / e2) / 2
+    assert observed > order - 0.5, (e1, e2, observed)

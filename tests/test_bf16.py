@@ -262,8 +262,7 @@ def test_bf16_guided_samples_are_finite_and_close_to_fp32(demo_networks):
     images, predicted = {}, {}
     judge = load_judge()
     for name in ("fp32", "onednn"):
-        unet, classifier = (copy.deepcopy(n) for n in demo_networks[name])
-        unet.set_kernels("auto"), classifier.set_kernels("auto")
+        unet, classifier = (copy.deepcopy(n).set_kernels("auto") for n in demo_networks[name])
         pipe = fastsample.Pipeline(unet, diffusion, classifier, guidance_scale=2.0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -272,6 +271,14 @@ def test_bf16_guided_samples_are_finite_and_close_to_fp32(demo_networks):
         images[name] = result.images.astype(np.int16)
         with torch.no_grad():
             predicted[name] = judge(images_to_input(result.images)).argmax(1).numpy()
+    # The sampler's state stays fp32: the bf16 networks take fp32 x_t and return fp32.
+    unet, classifier = demo_networks["onednn"]
+    states = []
+    fastsample.sample(unet, diffusion.respaced("ddim4"), (2, 1, 32, 32), y=torch.tensor([3, 8]),
+                      sampler="ddim", classifier=classifier, guidance_scale=2.0, seed=0,
+                      callback=lambda k, x, x0: states.append((x, x0)))  # fmt: skip
+    assert len(states) == 4
+    assert all(t.dtype == torch.float32 and t.isfinite().all() for s in states for t in s)
     diff = np.abs(images["onednn"] - images["fp32"])
     assert diff.mean() < 1.0 and diff.max() <= 64, (diff.mean(), diff.max())
     assert (predicted["onednn"] == predicted["fp32"]).mean() >= 0.9

@@ -36,7 +36,12 @@ import torch
 
 from . import multistep
 from .errors import InputError
-from .guidance import GuidancePlan, guidance_plan, warn_unstable  # noqa: F401
+from .guidance import (  # noqa: F401
+    GuidancePlan,
+    check_guidance_budget,
+    guidance_plan,
+    warn_unstable,
+)  # fmt: skip
 from .netfns import GuidanceFn, ModelFn
 from .schedule import Diffusion
 

@@ -181,6 +181,9 @@ def sample(
     eta: float = 0.0,
     classifier=None,
     guidance_scale: float = 0.0,
+    guidance_interval: tuple[float, float] | None = None,
+    guidance_every: int = 1,
+    stable_guidance: bool = False,
     clip_denoised: bool = True,
     noise: torch.Tensor | None = None,
     seed: int | Sequence[int] | None = None,
@@ -197,7 +200,11 @@ def sample(
     noise: [steps + 1, B, C, H, W]: x_T, then the fresh noise of each step, in the reference's
     order. seed: an int (sample b gets sample_seed(seed, b)) or one generator seed per sample.
     classifier + guidance_scale: classifier guidance with labels y (for an unconditional model,
-    y goes to the classifier only).
+    y goes to the classifier only). guidance_interval (lo, hi): guide only at steps whose
+    original timestep lies in [lo, hi]; guidance_every k: compute the gradient at every k-th
+    guided step and reuse it in between (`fastsample.guidance`). stable_guidance: skip guidance
+    where alpha_bar < ~1e-6, where the eps-form guidance of every sampler but ddpm turns samples
+    into noise (the pipeline's and CLI's default; here off, as the reference, with one warning).
     runtime: "eager" runs the torch modules; "onnxruntime", "tensorrt" and "aoti" run exported
     graphs of the model and of the guidance gradient. model may then be an ExportedGraphs
     (`fastsample.export.load(dir)`), whose own gradient graph guides; eager networks are
@@ -224,6 +231,9 @@ def sample(
         guidance_scale, device,
     )  # fmt: skip
     guided = clf_cfg is not None and guidance_scale != 0
+    budget = {"guidance_interval": guidance_interval, "guidance_every": guidance_every,
+              "stable_guidance": bool(stable_guidance)}  # fmt: skip
+    solvers.check_guidance_budget(guidance_interval, guidance_every)
     model_fn = make_model(y_model, low_res)
     if runtime == "eager" and (cache_interval != 1 or cache_depth is not None):
         depth = featcache.DEFAULT_DEPTH if cache_depth is None else cache_depth
@@ -233,21 +243,21 @@ def sample(
     draw = noise_source(noise, seed, shape, diffusion.num_steps, device)
     if runtime != "eager":
         return _run(sampler, model_fn, guidance, guidance_scale, diffusion, draw, eta,
-                    clip_denoised, progress, return_trajectory, callback)  # fmt: skip
+                    clip_denoised, progress, return_trajectory, callback, budget)  # fmt: skip
     # Sampling always runs the networks in eval mode (dropout off); their mode is restored.
     modes = [(m, m.training) for m in (model, classifier) if m is not None]
     try:
         for m, _ in modes:
             m.eval()
         return _run(sampler, model_fn, guidance, guidance_scale, diffusion, draw, eta,
-                    clip_denoised, progress, return_trajectory, callback)  # fmt: skip
+                    clip_denoised, progress, return_trajectory, callback, budget)  # fmt: skip
     finally:
         for m, training in modes:
             m.train(training)
 
 
 def _run(sampler, model_fn, guidance, scale, diffusion, draw, eta, clip_denoised, progress,
-         return_trajectory, callback):  # fmt: skip
+         return_trajectory, callback, budget):  # fmt: skip
     trajectory: dict[str, list[torch.Tensor]] = {"samples": [], "pred_xstart": []}
 
     def record(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -260,7 +270,7 @@ def _run(sampler, model_fn, guidance, scale, diffusion, draw, eta, clip_denoised
     with torch.no_grad():
         final = solvers.run(
             sampler, model_fn, diffusion, draw, guidance=guidance, guidance_scale=scale, eta=eta,
-            clip_denoised=clip_denoised, progress=progress, callback=record,
+            clip_denoised=clip_denoised, progress=progress, callback=record, **budget,
         )  # fmt: skip
     if not return_trajectory:
         return final

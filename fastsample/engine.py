@@ -161,6 +161,7 @@ class FastEngine:
 
         with torch.no_grad():
             if self._fused_update(sampler, diffusion, x_T.shape, guided, eta, clip_denoised):
+                solvers.warn_start(diffusion)
                 if guided:
                     solvers.warn_unstable(plan, sampler)
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
@@ -184,7 +185,7 @@ class FastEngine:
             return True
         solver = solvers.get_solver(sampler)
         use = selfcheck.fused_update_choice(
-            solver, solver.tables(diffusion, self.device, float(eta)),
+            solver, solver.tables_for(diffusion, self.device, eta, guided),
             solvers.Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip)),
             tuple(shape), self.device, guided, solver.adds_noise(float(eta)),
         )  # fmt: skip
@@ -244,7 +245,7 @@ class FastEngine:
 
         st = _Static(
             solver=solver,
-            tables=solver.tables(diffusion, device, eta),
+            tables=solver.tables_for(diffusion, device, eta, y is not None),
             spec=solvers.Spec(diffusion.learn_sigma, diffusion.predict_xstart, clip),
             scale=scale,
             x=torch.zeros(shape, device=device),

@@ -1,0 +1,166 @@
+"""Network calls per image against quality: every sampler at 5-25 calls on the embedded demo.
+
+    python -m bench.solvers [--samples 1000] [--calls 5,8,10,15,20,25] [--out bench/solvers.md]
+
+For each sampler and each number of network (UNet) calls, guided at the demo's scale with the
+pipeline's defaults (stable guidance): judge accuracy, FID and precision/recall on the demo
+judge's features against the 500 held-out digits (not comparable with Inception FIDs), wall time
+per image on this CPU and the classifier calls per image. Deterministic and stochastic solvers
+run on the log-SNR time schedule; the reference samplers also on their own respacings (ddpm "N",
+ddim "ddimN"). Then the time column for random-weight ADM-64 and ADM-256 shapes: one guided step
+(UNet forward, classifier gradient) timed at batch 1, times the calls. Every figure is measured
+by this script in one run; the Markdown it writes says with which settings and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import fastsample
+from fastsample import Pipeline
+from fastsample import sampler as solvers
+from fastsample.catalog import DEMO_UNET, PRESETS
+from fastsample.demo import WEIGHTS_DIR
+from fastsample.evaluate import evaluate
+
+from .common import median_seconds
+
+# (sampler, schedule, respacing pattern): "{n}" is the number of calls
+SETTINGS = [
+    ("ddpm", "respace", "{n}"),
+    ("ddim", "respace", "ddim{n}"),
+    ("ddim", "logsnr", "{n}"),
+    ("dpm++2m", "logsnr", "{n}"),
+    ("dpm++3m", "logsnr", "{n}"),
+    ("dpm++2m-sde", "logsnr", "{n}"),
+    ("unipc", "logsnr", "{n}"),
+    ("unipc3", "logsnr", "{n}"),
+    ("ipndm", "logsnr", "{n}"),
+]
+
+
+def _quality(pipe, n, batch, sampler, schedule, steps, scale):
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one-line advisories; the table shows the result
+        result = pipe.generate(n, batch_size=batch, seed=0, progress=False, sampler=sampler,
+                               steps=steps, schedule=schedule, guidance_scale=scale)  # fmt: skip
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        np.savez(Path(tmp) / "s.npz", result.images, result.labels)
+        report = evaluate(Path(tmp) / "s.npz", WEIGHTS_DIR / "heldout.npz")
+    return report, seconds / n
+
+
+def _step_ms(preset: str, classifier: str, repeats: int) -> tuple[float, float]:
+    """(UNet forward, classifier gradient) ms at batch 1 for random weights of a preset."""
+    from fastsample.netfns import guidance_fn, model_fn
+
+    unet = fastsample.create_model(preset, "cpu").eval()
+    clf = fastsample.create_model(classifier, "cpu").eval()
+    size = unet.config.image_size
+    x = torch.randn(1, unet.config.in_channels, size, size)
+    t = torch.tensor([500])
+    y = torch.tensor([1]) if unet.config.num_classes else None
+    model, grad = model_fn(unet, y), guidance_fn(clf, torch.tensor([1]))
+    with torch.inference_mode():
+        unet_s = median_seconds(lambda: model(x, t), repeats)
+    clf_s = median_seconds(lambda: grad(x, t), repeats)
+    return unet_s * 1e3, clf_s * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--calls", default="5,8,10,15,20,25")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats per ADM shape")
+    parser.add_argument("--samplers", default=None, help="comma-separated subset of samplers")
+    parser.add_argument("--out", type=Path, default=Path("bench/solvers.md"))
+    args = parser.parse_args()
+    try:
+        calls = [int(c) for c in args.calls.split(",")]
+    except ValueError:
+        parser.error(f"--calls {args.calls!r}: expected comma-separated integers")
+    if any(c < 2 for c in calls):
+        parser.error(f"--calls {args.calls!r}: expected counts of at least 2")
+    settings = SETTINGS
+    if args.samplers:
+        wanted = args.samplers.split(",")
+        unknown = sorted(set(wanted) - set(solvers.SAMPLERS))
+        if unknown:
+            parser.error(f"--samplers: unknown {', '.join(unknown)}")
+        settings = [s for s in SETTINGS if s[0] in wanted]
+    torch.set_num_threads(args.threads)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()  # fmt: skip
+    pipe = Pipeline.from_pretrained(DEMO_UNET, PRESETS[DEMO_UNET].classifier)
+    scale = PRESETS[DEMO_UNET].classifier_scale
+
+    rows = []
+    for sampler, schedule, pattern in settings:
+        for n in calls:
+            steps = pattern.format(n=n)
+            diffusion = pipe.diffusion.respaced(steps, time_schedule=schedule)
+            plan = solvers.guidance_plan(sampler, diffusion, stable=True)
+            report, sec = _quality(pipe, args.samples, args.batch, sampler, schedule, steps, scale)
+            rows.append((sampler, schedule, steps, n, plan.classifier_calls, report, sec))
+            print(f"{sampler:12s} {schedule:8s} {steps:7s} acc {report.accuracy:.3f} "
+                  f"FID {report.fid:6.2f} P {report.precision:.3f} R {report.recall:.3f} "
+                  f"{sec * 1e3:6.1f} ms/img  clf {plan.classifier_calls}", flush=True)  # fmt: skip
+
+    shapes = {}
+    for preset, classifier in (("64x64_diffusion", "64x64_classifier"),
+                               ("256x256_diffusion", "256x256_classifier")):  # fmt: skip
+        shapes[preset] = _step_ms(preset, classifier, args.repeats)
+        print(f"{preset}: UNet {shapes[preset][0]:.0f} ms, classifier gradient "
+              f"{shapes[preset][1]:.0f} ms (batch 1)", flush=True)  # fmt: skip
+    _write(args, commit, scale, rows, shapes)
+    print(f"wrote {args.out}")
+
+
+def _write(args, commit, scale, rows, shapes) -> None:
+    (u64, c64), (u256, c256) = shapes["64x64_diffusion"], shapes["256x256_diffusion"]
+    lines = [
+        "# Network calls against quality (embedded demo)",
+        "",
+        f"Measured by `python -m bench.solvers --samples {args.samples} --calls {args.calls}` "
+        f"(commit {commit or '?'}, CPU, {args.threads} threads), guided at scale {scale:g} "
+        "with the pipeline's stable guidance, seed 0. FID, precision and recall on the demo "
+        "judge's features against the 500 held-out digits (not comparable with Inception "
+        "FIDs); accuracy: the share the judge reads as the requested class. The ADM columns are "
+        "ms per image at batch 1 from one timed guided step of random-weight ADM-64 "
+        f"(UNet {u64:.0f} ms, classifier gradient {c64:.0f} ms) and ADM-256 (UNet {u256:.0f} "
+        f"ms, classifier gradient {c256:.0f} ms): calls x UNet + classifier calls x gradient.",
+        "",
+        "| sampler | schedule | steps | calls | classifier calls | accuracy | FID | precision "
+        "| recall | demo ms/image | ADM-64 ms/image | ADM-256 s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for sampler, schedule, steps, n, clf, r, sec in rows:
+        t64 = n * u64 + clf * c64
+        t256 = (n * u256 + clf * c256) / 1e3
+        lines.append(
+            f"| {sampler} | {schedule} | {steps} | {n} | {clf} | {r.accuracy:.3f} | {r.fid:.2f} "
+            f"| {r.precision:.3f} | {r.recall:.3f} | {sec * 1e3:.1f} | {t64:.0f} | {t256:.1f} |"
+        )
+    ten = [row for row in rows if row[3] == 10]
+    if ten:
+        best = min(ten, key=lambda row: row[5].fid)
+        lines += ["", f"Best at 10 calls by FID: {best[0]} on {best[1]} ({best[2]}): accuracy "
+                      f"{best[5].accuracy:.3f}, FID {best[5].fid:.2f}."]  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

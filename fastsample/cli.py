@@ -9,6 +9,17 @@ import warnings
 
 import click
 
+from .cliopts import (
+    GUIDANCE_LINES,
+    SCHEDULE_LINES,
+    SamplerChoice,
+    budget_options,
+    calls_line,
+    parse_classes,
+    parse_count,
+    parse_interval,
+    runtime_option,
+)
 from .errors import FastsampleError, InputError, MissingFileError
 
 
@@ -18,7 +29,9 @@ def _one_line_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         def show(message, category, filename, lineno, file=None, line=None):
-            click.echo(f"warning: {message}", err=True)
+            from tqdm import tqdm  # (its write() puts the line above a progress bar, not on it)
+
+            tqdm.write("warning: " + " ".join(str(message).splitlines()), file=sys.stderr)
 
         previous, warnings.showwarning = warnings.showwarning, show
         try:
@@ -98,27 +111,8 @@ def info_cmd(preset: str | None, flags: str | None, network: str) -> None:
     click.echo(format_summary(summarize(target)))
 
 
-def _parse_classes(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise InputError(
-            f"--classes {text!r}: expected comma-separated integer labels such as 207,360"
-        ) from None
-
-
 _DTYPES = ["fp32", "fp16", "bf16"]
 _SCHEDULES = ["respace", "time", "logsnr", "karras"]
-_SCHEDULE_LINES = """
-\b
-Time schedules (--schedule; the last three take a step count N, --steps 10, and fractional t):
-  respace  the timesteps --steps keeps, as the reference respaces (the default)
-  time     N times uniform in t, from 0 to T - 1
-  logsnr   N times uniform in log-SNR, lambda = log(alpha / sigma)
-  karras   N times at Karras et al.'s rho = 7 noise levels, sigma = sqrt(1 / alpha_bar - 1)
-"""
 
 
 @main.command(
@@ -136,7 +130,8 @@ Examples:
   # upsample a base model's samples 64 -> 256:
   fastsample sample --model 64_256_upsampler.pt --low-res out64/samples.npz
 """
-    + _SCHEDULE_LINES,
+    + SCHEDULE_LINES
+    + GUIDANCE_LINES,
 )
 @click.option(
     "--model",
@@ -164,9 +159,10 @@ Examples:
 )
 @click.option(
     "--sampler",
-    type=click.Choice(["ddpm", "ddim", "dpm++2m"]),
+    type=SamplerChoice(),
     help="Sampler (default: the preset's without --steps; else ddim for 'ddimN', else ddpm).",
 )
+@budget_options
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity.")
 @click.option("--num-samples", type=int, default=64, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
@@ -216,9 +212,10 @@ Examples:
 )
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_one_line_errors
-def sample_cmd(model, classifier, scale, steps, schedule, sampler, eta, num_samples, batch_size,
-               classes, seed, device, dtype, low_res, runtime, backend, kernels, out_dir,
-               overwrite, quiet) -> None:  # fmt: skip
+def sample_cmd(model, classifier, scale, steps, schedule, sampler, guidance_interval,
+               guidance_every, stable_guidance, cache_interval, cache_depth, eta, num_samples,
+               batch_size, classes, seed, device, dtype, low_res, runtime, backend, kernels,
+               out_dir, overwrite, quiet) -> None:  # fmt: skip
     """Generate images into OUT: shards, then OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels)
     and OUT/grid.png. Rerunning the same command resumes an interrupted run; under torchrun
     the batches are spread over the processes. --model also takes a `fastsample export`
@@ -237,15 +234,20 @@ def sample_cmd(model, classifier, scale, steps, schedule, sampler, eta, num_samp
         eta=eta,
         num_samples=num_samples,
         batch_size=batch_size,
-        classes=_parse_classes(classes),
+        classes=parse_classes(classes),
         seed=seed,
         device=device,
         dtype=dtype,
         low_res=low_res,
-        runtime=_runtime_option(runtime, backend),
+        runtime=runtime_option(runtime, backend),
         kernels=kernels,
         out=out_dir,
         overwrite=overwrite,
+        guidance_interval=parse_interval(guidance_interval),
+        guidance_every=parse_count("--guidance-every", guidance_every),
+        stable_guidance=stable_guidance,
+        cache_interval=parse_count("--cache-interval", cache_interval),
+        cache_depth=parse_count("--cache-depth", cache_depth),
     )
     done = jobs.sample(request, progress=not quiet, log=lambda line: click.echo(line, err=True))
     if not done.complete:
@@ -263,17 +265,7 @@ def sample_cmd(model, classifier, scale, steps, schedule, sampler, eta, num_samp
         distinct = sorted(set(done.labels.tolist()))
         shown = ",".join(map(str, distinct)) if len(distinct) <= 10 else f"{len(distinct)} classes"
         message += f" (labels: {shown})"
-    click.echo(message)
-
-
-def _runtime_option(runtime: str | None, backend: str | None) -> str | None:
-    """--runtime, or the deprecated --backend it replaces (for one release)."""
-    if backend is None:
-        return runtime
-    if runtime is not None and runtime != backend:
-        raise InputError(f"--runtime {runtime} and --backend {backend} disagree: give --runtime")
-    click.echo("warning: --backend is deprecated; use --runtime", err=True)
-    return backend
+    click.echo(message + calls_line(done.calls))
 
 
 @main.command(
@@ -327,7 +319,7 @@ Examples:
   # AOTInductor packages for the native runner (fastsample-run):
   fastsample export --target aoti --steps ddim25 --out demo-aoti
 """
-    + _SCHEDULE_LINES,
+    + SCHEDULE_LINES,
 )
 @click.option(
     "--target",

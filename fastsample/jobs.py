@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import torch
 
     from .ops import Kernels
+    from .request import Request
     from .sampler import SamplerName
     from .sampling import Runtime
     from .schedule import TimeSchedule
@@ -58,6 +59,12 @@ class SampleRequest:
     out: str | os.PathLike = "samples"
     overwrite: bool = False
     schedule: TimeSchedule | None = None  # None: "respace", or an export directory's own
+    # The guidance budget and feature caching: see Pipeline.generate.
+    guidance_interval: tuple[float, float] | None = None  # original timesteps (lo, hi)
+    guidance_every: int = 1
+    stable_guidance: bool = True
+    cache_interval: int = 1
+    cache_depth: int | None = None
 
 
 def sample(
@@ -120,8 +127,11 @@ def sample(
             kernels=r.kernels,
         )
     # Whatever generate() would refuse, refused now, before out is touched.
-    pipe.check(r.num_samples, r.batch_size, labels, None, r.sampler, r.steps, r.seed, low,
-               r.schedule)  # fmt: skip
+    budget = {"guidance_interval": r.guidance_interval, "guidance_every": r.guidance_every,
+              "stable_guidance": r.stable_guidance, "cache_interval": r.cache_interval,
+              "cache_depth": r.cache_depth}  # fmt: skip
+    resolved = pipe.check(r.num_samples, r.batch_size, labels, None, r.sampler, r.steps, r.seed,
+                          low, r.schedule, **budget)  # fmt: skip
     settings = {
         "model": identity(model),
         "classifier": identity(classifier) if classifier is not None else None,
@@ -142,9 +152,10 @@ def sample(
         settings["kernels"] = r.kernels  # (absent for auto, as in runs made before the option)
     if r.schedule not in (None, "respace"):
         settings["schedule"] = r.schedule  # (absent for respace, as in runs made before it)
+    settings.update(budget_settings(resolved))
 
     bar = None
-    diffusion = pipe.diffusion.respaced(r.steps, time_schedule=r.schedule)  # as generate()'s
+    diffusion = resolved.diffusion  # as generate()'s
 
     def start(samples: int) -> None:
         nonlocal bar
@@ -166,11 +177,12 @@ def sample(
             progress=bar or False,
             low_res=None if low is None else low[first : first + count],
             first_index=first,
+            **budget,
         )
         return result.images, result.labels
 
     try:
-        return runs.run(
+        done = runs.run(
             out,
             settings,
             r.num_samples,
@@ -180,7 +192,10 @@ def sample(
             device_type=device.type,
             log=log,
             on_start=start,
+            record={"calls_per_image": resolved.calls},
         )
+        done.calls = resolved.calls
+        return done
     finally:
         if bar is not None:
             bar.close()
@@ -247,6 +262,26 @@ def export(request: ExportRequest, *, log: Callable[[str], None] = print) -> Pat
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+
+def budget_settings(request: Request) -> dict:
+    """The guidance-budget and feature-cache settings for the run record, only where they
+    change the images, so that runs made before these options keep their ids: an interval, a
+    reuse step k > 1, a cache interval n > 1 (with its depth); stable guidance (the default)
+    only where it leaves out steps the reference guides (older runs guided them)."""
+    settings = {}
+    if request.guided and request.guidance_interval is not None:
+        settings["guidance_interval"] = list(request.guidance_interval)
+    if request.guided and request.guidance_every != 1:
+        settings["guidance_every"] = request.guidance_every
+    if request.skipped:
+        settings["stable_guidance"] = True
+    if request.cache_interval != 1:
+        from .featcache import DEFAULT_DEPTH
+
+        settings["cache_interval"] = request.cache_interval
+        settings["cache_depth"] = request.cache_depth or DEFAULT_DEPTH
+    return settings
 
 
 def _device(name: str | None) -> torch.device:

@@ -23,10 +23,10 @@ from . import sampler as solvers
 from ._deprecation import _UNSET, renamed
 from .catalog import PRESETS
 from .checkpoint import create_model, load_model, read_diffusion
-from .config import SuperResConfig
 from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
 from .image_io import atomic_write, image_grid, to_uint8, write_npz
 from .ops import Kernels
+from .request import Request, resolve
 from .sampling import (
     Runtime,
     check_classifier_fits,
@@ -211,8 +211,11 @@ class Pipeline:
         return self.engine == "fast" and self.runtime == "eager"
 
     def _fast_sample(self, net, diffusion, shape, *, y, low_res, sampler, eta, classifier,
-                     guidance_scale, clip_denoised, seed, callback, runtime):  # fmt: skip
-        """sample()'s job on the fast engine (same seeds, same noise order)."""
+                     guidance_scale, clip_denoised, seed, callback, runtime, cache_interval,
+                     cache_depth, **budget):  # fmt: skip
+        """sample()'s job on the fast engine (same seeds, same noise order, the same guidance
+        plan); cache_interval is 1 here (the engine has no feature cache), so cache_depth
+        changes nothing."""
         from .engine import FastEngine
 
         if self._engine is None:
@@ -226,6 +229,7 @@ class Pipeline:
         return self._engine.sample(
             sampler, diffusion, draw, y=y, model_y=y_model, low_res=low_res, eta=eta,
             guidance_scale=guidance_scale, clip_denoised=clip_denoised, callback=callback,
+            **budget,
         )  # fmt: skip
 
     def _networks(self, diffusion: Diffusion, guided: bool):
@@ -319,6 +323,11 @@ class Pipeline:
         clip_denoised: bool = True,
         first_index: int = 0,
         schedule: TimeSchedule | None = None,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_every: int = 1,
+        stable_guidance: bool = True,
+        cache_interval: int = 1,
+        cache_depth: int | None = None,
     ) -> Generation:
         """Generate num_samples images; sample i uses seed (seed, first_index + i), whatever the
         batch size, so a run split into shards (first_index = shard start) gives the same images.
@@ -332,14 +341,28 @@ class Pipeline:
         sampler: without steps, the preset's; else "ddim" for "ddimN" specs and "ddpm"
         otherwise. low_res (upsamplers): N low-resolution images, uint8 NHWC or float
         [N, C, h, w]. progress: True for a bar of this call, or a bar of the caller's (anything
-        with update(n)) to advance by one per image and step.
+        with update(n)) to advance by one per image and step; its postfix shows the network
+        calls per image (`calls`).
+
+        Guidance budget (`fastsample.guidance`): guidance_interval (lo, hi) computes the
+        classifier gradient only at steps whose original timestep t lies in [lo, hi] (0 <= lo
+        <= hi <= T - 1; noise level sigma = sqrt(1 - alpha_bar(t))); guidance_every k computes
+        it at every k-th guided step and reuses it in between. stable_guidance (the default
+        here, unlike `sample`'s reference behaviour) skips guidance where alpha_bar < ~1e-6
+        (the cosine schedule's last timesteps), because the eps-form guidance of every sampler
+        but ddpm multiplies the gradient there by over 1000 and turns samples into noise; a
+        one-line warning names the skipped steps. cache_interval n, cache_depth d: DeepCache
+        feature caching (`fastsample.featcache`; 1: none, exactly the uncached results; the
+        eager runtime only).
         """
-        diffusion, sampler, scale, labels, low = self._request(
-            num_samples, batch_size, classes, guidance_scale, sampler, steps, seed, low_res,
-            first_index, schedule,
+        req = resolve(
+            self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
+            low_res, first_index, schedule, guidance_interval, guidance_every, stable_guidance,
+            cache_interval, cache_depth,
         )  # fmt: skip
+        labels, low, diffusion = req.labels, req.low_res, req.diffusion
         cfg = self.config
-        net, clf = self._networks(diffusion, scale != 0)
+        net, clf = self._networks(diffusion, req.guided)
         images = []
         bar = None
         own_bar = progress is True
@@ -349,10 +372,14 @@ class Pipeline:
             bar = tqdm(total=num_samples * diffusion.num_steps, desc="sampling", unit="step")
         elif progress is not False and progress is not None:
             bar = progress
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix({f"{k}_calls": v for k, v in req.calls.items()}, refresh=False)
 
         def tick(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
             bar.update(x.shape[0])  # one step of every image in the batch
 
+        # The fast engine has no feature cache: cached runs take the eager loop.
+        run = self._fast_sample if self._use_fast() and req.cache_interval == 1 else sample
         try:
             for start in range(0, num_samples, batch_size):
                 idx = range(start, min(start + batch_size, num_samples))
@@ -360,14 +387,14 @@ class Pipeline:
                 kwargs = dict(
                     y=None if labels is None else torch.from_numpy(labels[start : idx.stop]),
                     low_res=None if low is None else low[start : idx.stop],
-                    sampler=sampler,
+                    sampler=req.sampler,
                     eta=eta,
                     classifier=clf,
-                    guidance_scale=scale,
+                    guidance_scale=req.scale,
                     clip_denoised=clip_denoised,
                     seed=[sample_seed(seed, first_index + i) for i in idx],
+                    **req.budget,
                 )
-                run = self._fast_sample if self._use_fast() else sample
                 shape = (len(idx), cfg.in_channels, cfg.image_size, cfg.image_size)
                 x = run(net, diffusion, shape, callback=watch, runtime=self.runtime, **kwargs)
                 step = watch.first_bad(x)
@@ -391,36 +418,27 @@ class Pipeline:
         seed: int = 0,
         low_res: np.ndarray | torch.Tensor | None = None,
         schedule: TimeSchedule | None = None,
-    ) -> None:
-        """Raise ValueError where generate() with these arguments would, without sampling."""
-        self._request(num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-                      low_res, 0, schedule)  # fmt: skip
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_every: int = 1,
+        stable_guidance: bool = True,
+        cache_interval: int = 1,
+        cache_depth: int | None = None,
+    ) -> Request:
+        """Raise ValueError where generate() with these arguments would, without sampling;
+        else return the resolved request (its `calls`: the network calls per image)."""
+        return resolve(
+            self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
+            low_res, 0, schedule, guidance_interval, guidance_every, stable_guidance,
+            cache_interval, cache_depth,
+        )  # fmt: skip
 
     def _request(self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
                  low_res, first_index, schedule=None):  # fmt: skip
-        """generate()'s arguments checked and resolved: (diffusion, sampler, scale, labels,
-        low_res)."""
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise InputError(f"num_samples={num_samples!r}: expected a positive integer")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError(f"batch_size={batch_size!r}: expected a positive integer")
-        if not isinstance(seed, int) or seed < 0:
-            raise InputError(f"seed={seed!r}: expected a non-negative integer")
-        if not isinstance(first_index, int) or first_index < 0:
-            raise InputError(f"first_index={first_index!r}: expected a non-negative integer")
-        diffusion = self.diffusion.respaced(steps, time_schedule=schedule)  # (None: as is)
-        if sampler is None:
-            preset = PRESETS.get(self.preset or "")
-            if steps is None and preset is not None:
-                sampler = preset.sampler  # the preset's own (README) setting
-            else:
-                sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
-        scale = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        if scale != 0 and self.classifier_config is None:
-            raise InputError(f"guidance_scale={scale} needs a classifier")
-        labels = self._labels(num_samples, classes, seed, first_index)
-        low = self._low_res(low_res, num_samples)
-        return diffusion, sampler, scale, labels, low
+        """(diffusion, sampler, scale, labels, low_res): the tuple this used to return, for
+        the callers that unpack it (tests/test_time_schedules.py); `check` returns all of it."""
+        r = resolve(self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
+                    low_res, first_index, schedule, None, 1, True, 1, None)  # fmt: skip
+        return r.diffusion, r.sampler, r.scale, r.labels, r.low_res
 
     def _retry_in_fp32(self, diffusion, shape, kwargs, where: str, step: int) -> torch.Tensor:
         """A batch went NaN/inf (fp16 overflow): sample it again in float32, or say so."""
@@ -453,45 +471,3 @@ class Pipeline:
                 "no image was written for them"
             )
         return x
-
-    def _labels(self, n: int, classes, seed: int, first: int) -> np.ndarray | None:
-        if not self.needs_labels:
-            if classes is not None:
-                raise InputError(
-                    "classes were given, but the model is unconditional and has no classifier"
-                )
-            return None
-        k = self.num_classes
-        if classes is None:
-            return np.array(
-                [
-                    np.random.default_rng(sample_seed(seed, first + i, stream=1)).integers(k)
-                    for i in range(n)
-                ],
-                dtype=np.int64,
-            )
-        wanted = [classes] if isinstance(classes, (int, np.integer)) else list(classes)
-        if not wanted:
-            raise InputError("classes is empty")
-        bad = [c for c in wanted if not isinstance(c, (int, np.integer)) or not 0 <= c < k]
-        if bad:
-            raise InputError(f"class labels {bad} out of range: expected integers in 0..{k - 1}")
-        return np.array([wanted[(first + i) % len(wanted)] for i in range(n)], dtype=np.int64)
-
-    def _low_res(self, low_res: Any, n: int) -> torch.Tensor | None:
-        if not isinstance(self.config, SuperResConfig):
-            if low_res is not None:
-                raise InputError("low_res is for upsamplers; this model is not one")
-            return None
-        if low_res is None:
-            raise InputError("an upsampler needs low_res images (e.g. a base model's samples.npz)")
-        if isinstance(low_res, np.ndarray) and low_res.dtype == np.uint8:
-            # The reference's super_res_sample: NHWC uint8 -> NCHW float in [-1, 1].
-            low_res = torch.from_numpy(low_res).float() / 127.5 - 1
-            low_res = low_res.permute(0, 3, 1, 2)
-        low_res = torch.as_tensor(low_res, dtype=torch.float32)
-        if low_res.ndim != 4 or len(low_res) < n:
-            raise InputError(
-                f"low_res of shape {tuple(low_res.shape)}: expected at least {n} images"
-            )
-        return low_res[:n]

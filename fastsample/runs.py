@@ -1,8 +1,9 @@
 """Long runs: sharded, resumable generation into one directory, on one process or many.
 
     DIR/run.json              the settings that decide the images, the plan (samples, batch
-                              size, shards), and once complete every shard's sha256 and the
-                              merged files' sha256
+                              size, shards), what the caller records beside them (the
+                              network calls per image; not part of the run's id), and once
+                              complete every shard's sha256 and the merged files' sha256
     DIR/shards/000012.npz     batch 12 (arr_0 uint8 NHWC images, arr_1 labels)
     DIR/shards/000012.json    its record: first sample, count, the npz's sha256, the run id
     DIR/samples.npz           every shard in order (the reference evaluator's format)
@@ -164,6 +165,7 @@ class RunResult:
     complete: bool  # this process wrote (or found) the merged files
     labels: np.ndarray | None = None
     rank: int = 0
+    calls: dict[str, int] | None = None  # network calls per image, where the caller knows them
 
 
 def run(
@@ -178,12 +180,14 @@ def run(
     log: Callable[[str], None] = print,
     on_start: Callable[[int], None] | None = None,
     on_shard: Callable[[Shard], None] | None = None,
+    record: dict | None = None,
 ) -> RunResult:
     """Generate num_samples images into out_dir (see the module doc), resuming what is there.
 
     settings: everything that decides the images (JSON-able); generate(first, count) makes one
     batch; on_start(n) is told how many samples this process will generate; on_shard(shard)
-    is called after each shard is durably written."""
+    is called after each shard is durably written. record: more keys for run.json that do not
+    decide the images (what the run costs, say): written with it, not part of the run's id."""
     out = Path(out_dir)
     shards = plan(num_samples, batch_size)
     meta = {
@@ -194,21 +198,24 @@ def run(
         "shards": len(shards),
     }
     rid = run_id(meta)
+    extra = dict(record or {})
+    assert not set(extra) & {*meta, "run_id", "complete", "shard_list", "sha256"}, extra
     group = _Group(device_type)
     try:
-        return _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_shard)
+        return _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_shard,
+                    extra)  # fmt: skip
     finally:
         group.close()
 
 
-def _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_shard):
+def _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_shard, extra):
     """run() inside its process group: rank 0 plans, every rank generates its share, rank 0
     merges."""
     problem = None
     todo: list[int] = []
     if group.rank == 0:
         try:
-            _prepare(out, meta, rid, overwrite)
+            _prepare(out, meta, rid, overwrite, extra)
             todo, damaged = _missing(out, shards, rid)
             for shard in damaged:
                 log(f"shard {shard.name}: its bytes do not match its sha256; generating it again")
@@ -240,7 +247,7 @@ def _run(out, meta, rid, shards, group, generate, overwrite, log, on_start, on_s
             result.labels = _merged_labels(out)  # a finished run, found as it was left
             result.complete = True
             return result
-        result.labels = _merge(out, shards, rid, meta)
+        result.labels = _merge(out, shards, rid, meta, extra)
     except OSError as e:
         raise RunError(_describe(e, out)) from None
     result.complete = True
@@ -259,7 +266,7 @@ def _describe(error: Exception, out: Path) -> str:
     return f"{where}: cannot write there ({error.strerror or error})"
 
 
-def _prepare(out: Path, meta: dict, rid: str, overwrite: bool) -> None:
+def _prepare(out: Path, meta: dict, rid: str, overwrite: bool, extra: dict) -> None:
     """Check out against this run's settings (or start it), clear stale temporaries."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: exists and is not a directory")
@@ -296,7 +303,8 @@ def _prepare(out: Path, meta: dict, rid: str, overwrite: bool) -> None:
             if (out / name).exists():
                 (out / name).unlink()
         out.mkdir(parents=True, exist_ok=True)
-        _durable_write(record, (json.dumps({**meta, "run_id": rid}, indent=2) + "\n").encode())
+        text = json.dumps({**meta, "run_id": rid, **extra}, indent=2) + "\n"
+        _durable_write(record, text.encode())
     (out / SHARD_DIR).mkdir(parents=True, exist_ok=True)
     # Temporaries left by a process that was killed (only this module's own names).
     stale = [*(out / SHARD_DIR).glob(".*.tmp")]
@@ -396,7 +404,7 @@ def _merged_labels(out: Path) -> np.ndarray | None:
         return data["arr_1"] if "arr_1" in data.files else None
 
 
-def _merge(out: Path, shards: list[Shard], rid: str, meta: dict) -> np.ndarray | None:
+def _merge(out: Path, shards: list[Shard], rid: str, meta: dict, extra: dict) -> np.ndarray | None:
     """Every shard, verified, into samples.npz and grid.png; the record lists them."""
     missing = [s.name for s in shards if _valid(out, s, rid) is not True]
     if missing:
@@ -422,6 +430,7 @@ def _merge(out: Path, shards: list[Shard], rid: str, meta: dict) -> np.ndarray |
         "complete": True,
         "shard_list": [{k: r[k] for k in ("index", "first", "count", "sha256")} for r in records],
         "sha256": {name: file_sha256(out / name) for name in MERGED},
+        **extra,
     }
     _durable_write(out / RUN_FILE, (json.dumps(complete, indent=2) + "\n").encode())
     return np.concatenate(labels) if labels else None

@@ -1,0 +1,183 @@
+"""A `Pipeline.generate` request, checked and resolved before any network runs: the respaced
+diffusion and the sampler (the preset's defaults), the guidance scale, the labels (each drawn
+from its sample's seed), the upsampler's low-resolution inputs, where guidance is applied (the
+guidance plan: `fastsample.guidance`), the feature-cache settings, and what the request costs
+per image in network calls.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from numbers import Integral
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import featcache
+from .catalog import PRESETS
+from .config import SuperResConfig
+from .errors import InputError
+from .guidance import GuidancePlan, check_guidance_budget, guidance_plan
+from .sampler import get_solver
+from .sampling import sample_seed
+from .schedule import Diffusion
+
+
+@dataclass(frozen=True)
+class Request:
+    """What generate() runs. plan: where the classifier's gradient is applied and computed
+    (for an unguided request, scale 0, it is unused)."""
+
+    diffusion: Diffusion
+    sampler: str
+    scale: float
+    labels: np.ndarray | None
+    low_res: torch.Tensor | None
+    plan: GuidancePlan
+    guidance_interval: tuple[float, float] | None = None
+    guidance_every: int = 1
+    stable_guidance: bool = True
+    cache_interval: int = 1
+    cache_depth: int | None = None
+
+    @property
+    def guided(self) -> bool:
+        return self.scale != 0
+
+    @property
+    def budget(self) -> dict[str, Any]:
+        """sample()'s guidance-plan and feature-cache arguments."""
+        return {
+            "guidance_interval": self.guidance_interval,
+            "guidance_every": self.guidance_every,
+            "stable_guidance": self.stable_guidance,
+            "cache_interval": self.cache_interval,
+            "cache_depth": self.cache_depth,
+        }
+
+    @property
+    def skipped(self) -> tuple[float, ...]:
+        """The timesteps where stable guidance leaves out a gradient the reference applies."""
+        return self.plan.unstable if self.guided and self.plan.stable else ()
+
+    @property
+    def calls(self) -> dict[str, int]:
+        """Network calls per image: "unet" (one per step), "classifier" (gradients; 0
+        unguided) and, with feature caching, "unet_full" and "unet_shallow" of the "unet"."""
+        n = self.diffusion.num_steps
+        calls = {"unet": n, "classifier": self.plan.classifier_calls if self.guided else 0}
+        if self.cache_interval != 1:
+            full = featcache.full_calls(n, self.cache_interval)
+            calls.update(unet_full=full, unet_shallow=n - full)
+        return calls
+
+
+def resolve(pipe, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
+            low_res, first_index, schedule, guidance_interval, guidance_every, stable_guidance,
+            cache_interval, cache_depth) -> Request:  # fmt: skip
+    """generate()'s arguments for the Pipeline `pipe`, checked (one InputError each)."""
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise InputError(f"num_samples={num_samples!r}: expected a positive integer")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: expected a positive integer")
+    if not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed={seed!r}: expected a non-negative integer")
+    if not isinstance(first_index, int) or first_index < 0:
+        raise InputError(f"first_index={first_index!r}: expected a non-negative integer")
+    diffusion = pipe.diffusion.respaced(steps, time_schedule=schedule)  # (None: as is)
+    if sampler is None:
+        preset = PRESETS.get(pipe.preset or "")
+        if steps is None and preset is not None:
+            sampler = preset.sampler  # the preset's own (README) setting
+        else:
+            sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
+    scale = pipe.guidance_scale if guidance_scale is None else float(guidance_scale)
+    if scale != 0 and pipe.classifier_config is None:
+        raise InputError(f"guidance_scale={scale} needs a classifier")
+    interval, every = check_guidance_budget(guidance_interval, guidance_every)
+    if interval is not None and interval[1] > diffusion.steps - 1:
+        raise InputError(
+            f"guidance_interval={guidance_interval!r}: expected 0 <= lo <= hi <= "
+            f"{diffusion.steps - 1} (original timesteps of this {diffusion.steps}-step model)"
+        )
+    if not isinstance(stable_guidance, (bool, np.bool_)):
+        raise InputError(f"stable_guidance={stable_guidance!r}: expected True or False")
+    cache_interval, cache_depth = _check_cache(pipe, cache_interval, cache_depth)
+    get_solver(sampler)
+    plan = guidance_plan(sampler, diffusion, interval, every, bool(stable_guidance))
+    if scale != 0 and interval is not None and not any(plan.use) and not plan.unstable:
+        warnings.warn(
+            f"guidance_interval={guidance_interval!r} holds none of the {diffusion.num_steps} "
+            f"sampling timesteps ({_span(diffusion)}): these samples are not guided",
+            stacklevel=3,
+        )
+    return Request(
+        diffusion, sampler, scale, _labels(pipe, num_samples, classes, seed, first_index),
+        _low_res(pipe, low_res, num_samples), plan, interval, every, bool(stable_guidance),
+        cache_interval, cache_depth,
+    )  # fmt: skip
+
+
+def _span(diffusion: Diffusion) -> str:
+    tmap = diffusion.timestep_map
+    return f"t = {float(tmap.min()):g} .. {float(tmap.max()):g}"
+
+
+def _check_cache(pipe, interval, depth) -> tuple[int, int | None]:
+    interval = featcache.check_interval(interval)
+    if interval == 1 and depth is None:
+        return 1, None
+    if pipe.runtime != "eager" or pipe.model is None:
+        raise InputError(
+            f"cache_interval={interval}, cache_depth={depth!r}: feature caching needs the eager "
+            f"runtime (runtime {pipe.runtime!r} runs a graph of the whole UNet at every step)"
+        )
+    if depth is not None:
+        if isinstance(depth, bool) or not isinstance(depth, Integral):
+            raise InputError(f"cache_depth={depth!r}: expected a positive integer or None")
+        depth = pipe.model.check_depth(depth)
+    return interval, depth
+
+
+def _labels(pipe, n: int, classes, seed: int, first: int) -> np.ndarray | None:
+    if not pipe.needs_labels:
+        if classes is not None:
+            raise InputError(
+                "classes were given, but the model is unconditional and has no classifier"
+            )
+        return None
+    k = pipe.num_classes
+    if classes is None:
+        return np.array(
+            [
+                np.random.default_rng(sample_seed(seed, first + i, stream=1)).integers(k)
+                for i in range(n)
+            ],
+            dtype=np.int64,
+        )
+    wanted = [classes] if isinstance(classes, (int, np.integer)) else list(classes)
+    if not wanted:
+        raise InputError("classes is empty")
+    bad = [c for c in wanted if not isinstance(c, (int, np.integer)) or not 0 <= c < k]
+    if bad:
+        raise InputError(f"class labels {bad} out of range: expected integers in 0..{k - 1}")
+    return np.array([wanted[(first + i) % len(wanted)] for i in range(n)], dtype=np.int64)
+
+
+def _low_res(pipe, low_res: Any, n: int) -> torch.Tensor | None:
+    if not isinstance(pipe.config, SuperResConfig):
+        if low_res is not None:
+            raise InputError("low_res is for upsamplers; this model is not one")
+        return None
+    if low_res is None:
+        raise InputError("an upsampler needs low_res images (e.g. a base model's samples.npz)")
+    if isinstance(low_res, np.ndarray) and low_res.dtype == np.uint8:
+        # The reference's super_res_sample: NHWC uint8 -> NCHW float in [-1, 1].
+        low_res = torch.from_numpy(low_res).float() / 127.5 - 1
+        low_res = low_res.permute(0, 3, 1, 2)
+    low_res = torch.as_tensor(low_res, dtype=torch.float32)
+    if low_res.ndim != 4 or len(low_res) < n:
+        raise InputError(f"low_res of shape {tuple(low_res.shape)}: expected at least {n} images")
+    return low_res[:n]

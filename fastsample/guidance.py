@@ -112,7 +112,7 @@ def warn_unstable(plan: GuidancePlan, sampler: str) -> None:
         message = (
             f"{sampler}: classifier guidance skipped at {where} ({len(t)} of {len(plan.use)} "
             f"steps), where {gain} and would turn samples into noise; to guide there, use "
-            "sampler ddpm"
+            "sampler ddpm, or stable_guidance=False (--reference-guidance) as the reference"
         )
     else:
         message = (

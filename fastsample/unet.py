@@ -300,6 +300,10 @@ class UNet(_Network):
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
+        return self._full(x, timesteps, y, keep=-1)[0]
+
+    def _full(self, x, timesteps, y, keep: int):
+        """The whole network -> (output, the h entering output block `keep`, or None)."""
         emb = self._embedding(x, timesteps, y)
         skips = []
         h = self._layout(x.to(self.dtype))
@@ -307,9 +311,12 @@ class UNet(_Network):
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
-        for block in self.output_blocks:
+        feature = None
+        for j, block in enumerate(self.output_blocks):
+            if j == keep:
+                feature = h
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self._head(h, x.dtype)
+        return self._head(h, x.dtype), feature
 
     # -- split at a skip depth (DeepCache, Ma et al. 2023; see fastsample.featcache) ----------
     # Output block j concatenates input block L - 1 - j's output, so at depth d the shallow part
@@ -331,19 +338,7 @@ class UNet(_Network):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """(forward(x, timesteps, y), the deep feature at `depth`): the h entering output block
         L - depth, in the torso's dtype and layout, for forward_shallow at later steps."""
-        first = len(self.output_blocks) - self.check_depth(depth)
-        emb = self._embedding(x, timesteps, y)
-        skips = []
-        h = self._layout(x.to(self.dtype))
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
-        for j, block in enumerate(self.output_blocks):
-            if j == first:
-                feature = h
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self._head(h, x.dtype), feature
+        return self._full(x, timesteps, y, keep=len(self.output_blocks) - self.check_depth(depth))
 
     def forward_shallow(
         self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None, *,

@@ -265,7 +265,8 @@ def test_bf16_guided_samples_are_finite_and_close_to_fp32(demo_networks):
         unet, classifier = (copy.deepcopy(n).set_kernels("auto") for n in demo_networks[name])
         pipe = fastsample.Pipeline(unet, diffusion, classifier, guidance_scale=2.0)
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error")  # (the fp32 retry warns; the start advisory is known)
+            warnings.filterwarnings("ignore", message="steps 'ddim10' start at t = 900")
             result = pipe.generate(10, batch_size=10, classes=list(range(10)), steps="ddim10",
                                    seed=0, progress=False)  # fmt: skip
         images[name] = result.images.astype(np.int16)

@@ -171,7 +171,8 @@ def _step_configurations():
     from . import sampler_step as S
 
     tables = (
-        "SRA SRM1 S1M SQRT_AC_PREV DIR SIGMA COEF1 COEF2 MAX_LOG MIN_LOG FIXED RATIO LIN CUR PREV"
+        "SRA SRM1 S1M SQRT_AC_PREV DIR SIGMA COEF1 COEF2 MAX_LOG MIN_LOG FIXED RATIO LIN CUR PREV "
+        "LX LZ LV0 LV1 LV2 LV3 CSELF CX CV0 CV1 CV2 CV3 GUIDE"
     )
     pointers = {name: "*fp32" for name in tables.split()}
     pointers.update(
@@ -191,9 +192,12 @@ def _step_configurations():
             CLIP=True,
             LEARN_SIGMA=True,
             PREDICT_XSTART=False,
-            NOISE=name != "dpm++2m",
+            NOISE=name not in ("dpm++2m", "dpm++3m", "unipc", "unipc3", "ipndm"),
             BLOCK=1024,
         )
+        slots, correct, hist_eps = S.LINEAR_FORMS.get(name, (0, False, False))
+        # the guidance plan's per-step weight (guidance interval, every k-th step) with it
+        meta.update(SLOTS=slots, CORRECT=correct, HIST_EPS=hist_eps, WEIGHTED=True)
         yield ("sampler_step", f"{name} guided", S._step_kernel, pointers, ("scale",), meta, 4)
 
 

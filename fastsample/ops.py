@@ -164,8 +164,7 @@ def group_norm(
 
 
 # Above this |mean| / std of a group, torch's one-pass variance loses more than a few fp32 ulps
-# (measured on 8192-element groups: 3.5e-6 relative at 4, 1e-5 at 8, 2e-3 at 100). The demo
-# networks' activations stay below 4.3.
+# (8192-element groups: 3.5e-6 relative at 4, 2e-3 at 100); the demo's activations reach 4.3.
 _CENTRE_ABOVE = 4.0
 
 
@@ -173,7 +172,9 @@ def _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu):
     """The same function in fewer passes over x. The statistics and the affine run in fp32 for
     fp32 and bf16 x alike (torch's mixed-precision GroupNorm), rounded once to x's dtype; with
     one sample the scale-shift folds into that affine, otherwise it is one addcmul in x's dtype
-    (as the reference); then SiLU, in place where autograd does not record.
+    (as the reference); then SiLU, in place where autograd does not record. With one or two
+    channels per group torch's bf16 kernels are slower than its fp32 ones (2x forward, 3x
+    backward on the demo): there a bf16 x is normalised as an fp32 copy.
 
     torch's CPU GroupNorm sums x and x*x in one pass on channels_last maps, which loses the
     variance of a group far from zero (1e-2 relative error at |mean| / std = 1000, where the
@@ -181,6 +182,9 @@ def _group_norm_cpu(x, num_groups, weight, bias, eps, scale, shift, silu):
     _CENTRE_ABOVE, the map is normalised again in fp32 after subtracting each group's first
     element (GroupNorm ignores a per-group shift; the Triton kernel shifts the same way)."""
     n, c = x.shape[:2]
+    if x.dtype != torch.float32 and c <= 2 * num_groups:  # (see above)
+        y = _group_norm_cpu(x.float(), num_groups, weight, bias, eps, scale, shift, silu)
+        return y.to(x.dtype)
     if scale is not None and n == 1:
         factor = 1 + scale[0].float()
         weight = factor if weight is None else weight.float() * factor

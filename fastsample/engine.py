@@ -8,7 +8,8 @@ a CUDA graph and replayed for every later step of every later batch of that shap
 index, the noise, x_t, the multistep history, the labels and low-resolution inputs live in static
 device buffers, so a replay costs one launch. The first two steps of a new shape run eagerly (they
 warm up the allocator, cuDNN and Triton's compilation, and are real steps), the graph is captured
-at the third.
+at the third. With feature caching (`fastsample.featcache`) the deep feature is a static buffer
+too, and a shape has a graph for full steps and one for shallow steps.
 
 The fast components check themselves on first use (`fastsample.selfcheck`): the fused update
 against the eager update, and the first replay of a graph against an eager step from the same
@@ -28,11 +29,12 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from . import netfns, selfcheck
+from . import featcache, netfns, selfcheck
 from . import sampler as solvers
 from .errors import InputError
 
@@ -115,6 +117,13 @@ class FastEngine:
             prepared_copy(classifier, self.channels_last) if classifier is not None else None
         )
         self._model = torch.compile(self.model) if compile else self.model
+        # feature caching's two forwards (bound methods compile separately from the module)
+        split, shallow = getattr(self.model, "forward_split", None), None
+        if split is not None:
+            shallow = self.model.forward_shallow
+            if compile:
+                split, shallow = torch.compile(split), torch.compile(shallow)
+        self._split, self._shallow = split, shallow
         self._classifier = (
             torch.compile(self.classifier) if compile and self.classifier is not None
             else self.classifier
@@ -142,15 +151,20 @@ class FastEngine:
 
     def sample(self, sampler, diffusion, noise, *, y=None, model_y=None, low_res=None,
                eta=0.0, guidance_scale=0.0, guidance_interval=None, guidance_every=1,
-               stable_guidance=False, clip_denoised=True, callback=None):  # fmt: skip
+               stable_guidance=False, clip_denoised=True, callback=None, cache_interval=1,
+               cache_depth=None):  # fmt: skip
         """x_0 from noise(0) = x_T (noise(k): the fresh noise of step k), as sampler.run (the
-        same guidance plan: interval, every k-th step, stable guidance).
+        same guidance plan: interval, every k-th step, stable guidance). cache_interval,
+        cache_depth: feature caching as `fastsample.sample` (`fastsample.featcache`).
 
         Where the fused kernel runs (CUDA; the CPU under TRITON_INTERPRET=1) the loop runs on
         static buffers kept per request shape (`_Static`): a run's later batches of the same
-        shape reuse them and, on CUDA, replay the step graph captured for the first."""
+        shape reuse them and, on CUDA, replay the step graphs captured for the first (with
+        caching, one for full steps and one for shallow steps; the deep feature lives in a
+        static buffer)."""
         if eta < 0:
             raise InputError(f"eta={eta}: expected >= 0")
+        cache = self._cache(cache_interval, cache_depth)
         guided = self.classifier is not None and guidance_scale != 0
         plan = solvers.guidance_plan(sampler, diffusion, guidance_interval, guidance_every,
                                      stable_guidance)  # fmt: skip
@@ -166,14 +180,33 @@ class FastEngine:
                     solvers.warn_unstable(plan, sampler)
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
                                          model_y, low_res, float(eta), float(guidance_scale),
-                                         bool(clip_denoised), callback, plan)  # fmt: skip
+                                         bool(clip_denoised), callback, plan, cache)  # fmt: skip
+            model = self.model_fn(model_y, low_res)
+            if cache is not None:
+                model = featcache.cached_model_fn(
+                    self.model, model_y, low_res, interval=cache[0], depth=cache[1],
+                    layout=self._layout, split=self._split, shallow=self._shallow,
+                )  # fmt: skip
             return solvers.run(
-                sampler, self.model_fn(model_y, low_res), diffusion, noise,
+                sampler, model, diffusion, noise,
                 guidance=self.guidance_fn(y) if guided else None, guidance_scale=guidance_scale,
                 guidance_interval=guidance_interval, guidance_every=guidance_every,
                 stable_guidance=stable_guidance, eta=eta, clip_denoised=clip_denoised,
                 callback=callback,
             )  # fmt: skip
+
+    def _cache(self, interval, depth) -> tuple[int, int] | None:
+        """(interval, depth) of a feature-cached request; None without caching (interval 1)."""
+        interval = featcache.check_interval(interval)
+        if interval == 1:
+            return None
+        if self._split is None:
+            raise InputError(
+                f"cache_interval={interval}: feature caching needs a UNet or SuperResUNet, got "
+                f"{type(self.model).__name__}"
+            )
+        depth = featcache.DEFAULT_DEPTH if depth is None else depth
+        return interval, self.model.check_depth(depth)
 
     def _fused_update(self, sampler, diffusion, shape, guided, eta, clip) -> bool:
         """Whether this request runs the fused update on static buffers (else the eager loop):
@@ -191,26 +224,28 @@ class FastEngine:
         )  # fmt: skip
         return use == "fused"
 
-    def _step_body(self, st: _Static, x: torch.Tensor, compute: bool = True) -> None:
-        """One step on static buffers: t from the device step index, the model and (where
-        `compute`) the gradient (on a side stream when enabled), the fused update written into
-        x in place. Where the plan reuses gradients they live in st.grad, and the update
+    def _step_body(self, st: _Static, x: torch.Tensor, kind: tuple[bool, bool]) -> None:
+        """One step on static buffers: t from the device step index, the model (kind[1]: the
+        whole UNet, else its shallow part on the cached feature) and (kind[0]: where the plan
+        computes it) the gradient (on a side stream when enabled), the fused update written
+        into x in place. Where the plan reuses gradients they live in st.grad, and the update
         weighs them by the step's guide weight (0 where the plan does not guide)."""
         from fastsample.kernels.sampler_step import sampler_step
 
+        compute, full = kind
         t = st.tables["t_model"].index_select(0, st.step.long().reshape(1)).expand(x.shape[0])
         grad = st.grad
         if st.guidance is None or not compute:
-            out = st.model(x, t)
+            out = self._model_call(st, x, t, full)
         elif self.streams:
             side = self._side
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 grad = st.guidance(x, t)
-            out = st.model(x, t)
+            out = self._model_call(st, x, t, full)
             torch.cuda.current_stream(self.device).wait_stream(side)
         else:
-            out = st.model(x, t)
+            out = self._model_call(st, x, t, full)
             grad = st.guidance(x, t)
         if compute and st.grad is not None and grad is not st.grad:
             st.grad.copy_(grad)
@@ -234,8 +269,22 @@ class FastEngine:
             x0=st.x0,
         )  # fmt: skip  (in place: each element is read, then written)
 
+    @staticmethod
+    def _model_call(st: _Static, x: torch.Tensor, t: torch.Tensor, full: bool) -> torch.Tensor:
+        """The model's output; with feature caching a full step also refreshes st.feature (a
+        static buffer, made at the first full step, which always runs before any capture)."""
+        if st.cache is None:
+            return st.model(x, t)
+        if not full:
+            return st.shallow(x, t, st.feature)
+        out, feature = st.split(x, t)
+        if st.feature is None:
+            st.feature = torch.empty_like(feature)  # the torso's dtype and memory format
+        st.feature.copy_(feature)
+        return out
+
     def _prepare(self, key, sampler, diffusion, shape, y, model_y, low_res, eta, scale, clip,
-                 plan):  # fmt: skip
+                 plan, cache):  # fmt: skip
         """Static buffers (and on CUDA the captured step) for one request shape."""
         solver = solvers.get_solver(sampler)
         device = self.device
@@ -256,11 +305,17 @@ class FastEngine:
             y=static(y),
             model_y=static(model_y),
             low_res=static(low_res),
+            cache=cache,
         )
         if y is not None and not plan.everywhere:  # steps that skip or reuse the gradient
             st.grad = torch.zeros(shape, device=device)
             st.guide = torch.tensor(plan.use, dtype=torch.float32, device=device)
         st.model = self.model_fn(st.model_y, st.low_res)
+        if cache is not None:
+            st.split, st.shallow = featcache.split_fns(
+                self.model, st.model_y, st.low_res, cache[1], self._layout, self._split,
+                self._shallow,
+            )  # fmt: skip
         st.guidance = self.guidance_fn(st.y) if st.y is not None else None
         if self._model is not self.model:
             # torch.compile traces the kernel choices in: make them (the self-checks run) with
@@ -274,6 +329,8 @@ class FastEngine:
                                                    self._params, st.y is not None)  # fmt: skip
             if st.grad is not None:
                 st.graph_class += " guidance-plan"
+            if cache is not None:
+                st.graph_class += f" feature-cache-depth{cache[1]}"
             st.verdict = selfcheck.cached("cuda_graph", st.graph_class, device)
             st.capture_at = self._capture_step(st.verdict, diffusion.num_steps,
                                                first=not self._static)  # fmt: skip
@@ -297,44 +354,44 @@ class FastEngine:
                 return 0
         return self.WARMUP_STEPS + 1
 
-    def _capture(self, st: _Static, compute: bool):
+    def _capture(self, st: _Static, kind: tuple[bool, bool]):
         """Record one step on the static buffers (CUDA graph)."""
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step_body(st, st.x, compute)
+            self._step_body(st, st.x, kind)
         return graph
 
-    def _eager_step(self, st: _Static, compute: bool) -> None:
+    def _eager_step(self, st: _Static, kind: tuple[bool, bool]) -> None:
         """One step outside a graph; before a capture on the warm-up stream (libraries set
         themselves up on the stream they first run on)."""
         if self._warm is None:
-            self._step_body(st, st.x, compute)
+            self._step_body(st, st.x, kind)
             return
         current = torch.cuda.current_stream(self.device)
         self._warm.wait_stream(current)
         with torch.cuda.stream(self._warm):
-            self._step_body(st, st.x, compute)
+            self._step_body(st, st.x, kind)
         current.wait_stream(self._warm)
 
-    def _capture_and_step(self, st: _Static, compute: bool) -> None:
-        """A step at or after capture_at whose kind (computing the gradient or not) has no
-        graph yet: capture it, replay it, and (the first time on this machine, when
-        self-checking) compare that replay with an eager step from the same state, keeping the
-        eager result and dropping the graphs where they disagree."""
+    def _capture_and_step(self, st: _Static, kind: tuple[bool, bool]) -> None:
+        """A step at or after capture_at whose kind (computing the gradient or not; the whole
+        UNet or its shallow part) has no graph yet: capture it, replay it, and (the first time
+        on this machine, when self-checking) compare that replay with an eager step from the
+        same state, keeping the eager result and dropping the graphs where they disagree."""
         check = self.self_check and st.verdict is None
         ms: dict[str, float] = {}
-        state = [t for t in (st.x, st.history, st.grad) if t is not None]
+        state = [t for t in (st.x, st.history, st.grad, st.feature) if t is not None]
         if check:
             saved = [t.clone() for t in state]
             with selfcheck.stopwatch(self.device, ms, "eager"):
-                self._eager_step(st, compute)
+                self._eager_step(st, kind)
             eager = [t.clone() for t in (st.x, st.x0, *state[1:])]
             for t, v in zip(state, saved, strict=True):
                 t.copy_(v)
         with selfcheck.stopwatch(self.device, ms, "capture"):
-            st.graphs[compute] = self._capture(st, compute)
+            st.graphs[kind] = self._capture(st, kind)
         with selfcheck.stopwatch(self.device, ms, "graph"):
-            st.graphs[compute].replay()
+            st.graphs[kind].replay()
         if not check:
             return
         replayed = [st.x, st.x0, *state[1:]]
@@ -349,17 +406,17 @@ class FastEngine:
                 t.copy_(v)
 
     def _static_loop(self, sampler, diffusion, noise, y, model_y, low_res, eta, scale, clip,
-                     callback, plan):  # fmt: skip
+                     callback, plan, cache):  # fmt: skip
         x_t = noise(0).float()
         key = (
             tuple(x_t.shape), sampler, diffusion, eta, scale, clip, y is not None,
             model_y is not None, None if low_res is None else tuple(low_res.shape),
-            plan if y is not None else None,
+            plan if y is not None else None, cache,
         )  # fmt: skip
         st = self._static.get(key)
         if st is None:
             st = self._prepare(key, sampler, diffusion, x_t.shape, y, model_y, low_res, eta,
-                               scale, clip, plan)  # fmt: skip
+                               scale, clip, plan, cache)  # fmt: skip
         for buffer, value in ((st.y, y), (st.model_y, model_y), (st.low_res, low_res)):
             if buffer is not None:
                 buffer.copy_(value)
@@ -371,16 +428,18 @@ class FastEngine:
         for k in range(1, n + 1):
             st.step.fill_(n - k)
             compute = plan.compute[n - k] if st.grad is not None else True
+            full = st.cache is None or featcache.is_full(k - 1, st.cache[0])
+            kind = (compute, full)
             if st.solver.draws_noise:
                 fresh = noise(k)  # every step, in the eager loop's order
                 if st.z is not None:
                     st.z.copy_(fresh)
-            if compute in st.graphs:
-                st.graphs[compute].replay()
+            if kind in st.graphs:
+                st.graphs[kind].replay()
             elif st.capture_at and k >= st.capture_at:
-                self._capture_and_step(st, compute)
+                self._capture_and_step(st, kind)
             else:
-                self._eager_step(st, compute)
+                self._eager_step(st, kind)
             if callback is not None:
                 callback(k, st.x.clone(), st.x0.clone())
         return st.x.clone()
@@ -391,7 +450,8 @@ class _Static:
     """One request shape's static buffers: x_t, the step's noise, x0, the multistep history,
     the step index, labels and low-resolution inputs; the model and guidance functions bound to
     them; on CUDA the captured step graphs (one that computes the gradient, and where the
-    guidance plan skips or reuses it, one that does not)."""
+    guidance plan skips or reuses it, one that does not; with feature caching each for full
+    and for shallow steps)."""
 
     solver: solvers.Solver
     tables: solvers.Tables
@@ -409,7 +469,12 @@ class _Static:
     guidance: netfns.GuidanceFn | None = None
     grad: torch.Tensor | None = None  # the last gradient, where the plan reuses or skips it
     guide: torch.Tensor | None = None  # float32 per-step guide weights (0 or 1), with grad
-    graphs: dict[bool, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by `compute`
+    cache: tuple[int, int] | None = None  # feature caching's (interval, depth)
+    split: Callable | None = None  # (x, t) -> (output, deep feature), with caching
+    shallow: Callable | None = None  # (x, t, feature) -> output, with caching
+    feature: torch.Tensor | None = None  # the last full step's deep feature, with caching
+    # by kind: (computes the gradient, runs the whole UNet)
+    graphs: dict[tuple[bool, bool], torch.cuda.CUDAGraph] = field(default_factory=dict)
     graph_class: str = ""
     capture_at: int = 0  # the step k at which the graph is captured (0: never)
     verdict: selfcheck.Check | None = None  # the graph's self-check verdict, once known

@@ -64,10 +64,11 @@ class CachedModelFn:
     starts a new trajectory (the next call is full); full_calls and shallow_calls count every
     call since the function was made, across resets."""
 
-    def __init__(self, model, y, low_res, interval: int, depth: int, layout: Layout | None):
-        self.model, self.y, self.low_res, self.layout = model, y, low_res, layout
+    def __init__(self, model, y, low_res, interval: int, depth: int, layout: Layout | None,
+                 split=None, shallow=None):  # fmt: skip
         self.interval, self.depth = interval, depth
         self.plain = netfns.model_fn(model, y, low_res, layout)
+        self.split, self.shallow = split_fns(model, y, low_res, depth, layout, split, shallow)
         self.full_calls = self.shallow_calls = 0
         self.feature: torch.Tensor | None = None
         self._k = 0  # the call's index in the trajectory
@@ -79,14 +80,10 @@ class CachedModelFn:
         if self.interval == 1:
             self.full_calls += 1
             return self.plain(x, t)
-        if self.layout is not None:
-            x = self.layout(x)
-        inputs = {"low_res": self.low_res} if self.model.takes_low_res else {}
-        full = self._k % self.interval == 0
+        full = is_full(self._k, self.interval)
         self._k += 1
         if full:
-            out, self.feature = self.model.forward_split(x, t, y=self.y, **inputs,
-                                                         depth=self.depth)  # fmt: skip
+            out, self.feature = self.split(x, t)
             self.full_calls += 1
             return out
         if self.feature.shape[0] != x.shape[0]:
@@ -95,17 +92,43 @@ class CachedModelFn:
                 "(or make a new cached_model_fn) for each batch"
             )
         self.shallow_calls += 1
-        return self.model.forward_shallow(x, t, y=self.y, **inputs, feature=self.feature,
-                                          depth=self.depth)  # fmt: skip
+        return self.shallow(x, t, self.feature)
+
+
+def is_full(k: int, interval: int) -> bool:
+    """Whether model call k (0-based) of a trajectory runs the whole UNet."""
+    return k % interval == 0
+
+
+def split_fns(model, y, low_res, depth: int, layout: Layout | None = None, split=None,
+              shallow=None):  # fmt: skip
+    """The two halves of a cached model function, labels and low_res bound as in
+    netfns.model_fn: full(x, t) -> (output, deep feature) and part(x, t, feature) -> output.
+    split / shallow replace model.forward_split / forward_shallow (compiled versions, say)."""
+    split = model.forward_split if split is None else split
+    shallow = model.forward_shallow if shallow is None else shallow
+    inputs = {"low_res": low_res} if model.takes_low_res else {}
+
+    def prepare(x: torch.Tensor) -> torch.Tensor:
+        return x if layout is None else layout(x)
+
+    def full(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split(prepare(x), t, y=y, **inputs, depth=depth)
+
+    def part(x: torch.Tensor, t: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        return shallow(prepare(x), t, y=y, **inputs, feature=feature, depth=depth)
+
+    return full, part
 
 
 def cached_model_fn(
     model, y: torch.Tensor | None = None, low_res: torch.Tensor | None = None, *,
-    interval: int, depth: int, layout: Layout | None = None,
+    interval: int, depth: int, layout: Layout | None = None, split=None, shallow=None,
 ) -> CachedModelFn:  # fmt: skip
     """netfns.model_fn(model, y, low_res, layout) with the deep feature at skip `depth` reused
     for interval - 1 calls after each full call. model: an eager UNet or SuperResUNet.
-    interval = 1 calls the plain model function (exactly netfns.model_fn's results)."""
+    interval = 1 calls the plain model function (exactly netfns.model_fn's results). split /
+    shallow: replacements for model.forward_split / forward_shallow (see split_fns)."""
     from .unet import UNet
 
     if not isinstance(model, UNet):
@@ -113,7 +136,7 @@ def cached_model_fn(
             f"model: feature caching needs a UNet or SuperResUNet, got {type(model).__name__}"
         )
     return CachedModelFn(model, y, low_res, check_interval(interval), model.check_depth(depth),
-                         layout)  # fmt: skip
+                         layout, split, shallow)  # fmt: skip
 
 
 def shallow_flop_share(config: UNetConfig, depth: int) -> float:

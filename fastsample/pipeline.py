@@ -214,8 +214,7 @@ class Pipeline:
                      guidance_scale, clip_denoised, seed, callback, runtime, cache_interval,
                      cache_depth, **budget):  # fmt: skip
         """sample()'s job on the fast engine (same seeds, same noise order, the same guidance
-        plan); cache_interval is 1 here (the engine has no feature cache), so cache_depth
-        changes nothing."""
+        plan and feature cache)."""
         from .engine import FastEngine
 
         if self._engine is None:
@@ -229,7 +228,7 @@ class Pipeline:
         return self._engine.sample(
             sampler, diffusion, draw, y=y, model_y=y_model, low_res=low_res, eta=eta,
             guidance_scale=guidance_scale, clip_denoised=clip_denoised, callback=callback,
-            **budget,
+            cache_interval=cache_interval, cache_depth=cache_depth, **budget,
         )  # fmt: skip
 
     def _networks(self, diffusion: Diffusion, guided: bool):
@@ -378,8 +377,7 @@ class Pipeline:
         def tick(k: int, x: torch.Tensor, x0: torch.Tensor) -> None:
             bar.update(x.shape[0])  # one step of every image in the batch
 
-        # The fast engine has no feature cache: cached runs take the eager loop.
-        run = self._fast_sample if self._use_fast() and req.cache_interval == 1 else sample
+        run = self._fast_sample if self._use_fast() else sample
         try:
             for start in range(0, num_samples, batch_size):
                 idx = range(start, min(start + batch_size, num_samples))

@@ -212,7 +212,8 @@ def sample(
     cache_interval, cache_depth: DeepCache-style feature caching (`fastsample.featcache`): the
     whole UNet runs at every cache_interval-th step, in between only its shallow blocks, reusing
     the deep feature at skip depth cache_depth (None: featcache.DEFAULT_DEPTH = 1, the
-    shallowest and cheapest). 1 (the default) is exactly the uncached sampler. Eager runtime only.
+    shallowest and cheapest). 1 (the default) is exactly the uncached sampler. Eager runtime only
+    (the torch networks; the fast engine caches the same way on its static buffers).
     (backend= is the old name of runtime=.)
     """
     runtime = check_runtime(renamed("runtime", runtime, "backend", backend, "eager"))

@@ -25,7 +25,9 @@ def _demo(device="cpu"):
     return model, clf, PRESETS[DEMO_UNET].diffusion.respaced("ddim8")
 
 
-def test_pipeline_fast_engine_matches_eager(triton_kernels, monkeypatch):
+@pytest.mark.parametrize("cache", [{}, {"cache_interval": 2, "cache_depth": 2}])
+def test_pipeline_fast_engine_matches_eager(triton_kernels, monkeypatch, cache):
+    """Also with feature caching, which the engine runs on its static buffers."""
     import fastsample.kernels.sampler_step as fused
 
     launches = []
@@ -37,7 +39,7 @@ def test_pipeline_fast_engine_matches_eager(triton_kernels, monkeypatch):
 
     monkeypatch.setattr(fused, "sampler_step", counted)
     model, clf, d = _demo(KERNEL_DEVICE)
-    kwargs = dict(batch_size=3, classes=[1, 7], sampler="ddim", seed=3, progress=False)
+    kwargs = dict(batch_size=3, classes=[1, 7], sampler="ddim", seed=3, progress=False, **cache)
     eager = Pipeline(model, d, clf, guidance_scale=2.0, engine="eager").generate(4, **kwargs)
     assert launches == []
     model2, clf2, _ = _demo(KERNEL_DEVICE)
@@ -105,6 +107,32 @@ def test_cuda_graphs_and_streams_match_eager(sampler, graphs, streams):
         # Triton kernels (fp32 statistics, one rounding) and TF32-capable cuDNN vs the torch ops.
         assert rel_err(got, want) < 1e-3, labels
     assert len(engine._static) == 2  # buffers (and graphs) per batch shape, reused
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++2m"])
+def test_cuda_graphs_with_feature_cache_match_eager(sampler):
+    """Feature caching on CUDA graphs: one graph for full steps (refreshing the static deep
+    feature), one for shallow steps (reading it), replayed by a second batch."""
+    model, clf, d = _demo("cuda")
+    model.set_kernels("torch")
+    clf.set_kernels("torch")
+    model2, clf2, _ = _demo("cuda")
+    engine = FastEngine(model2, clf2, self_check=False)  # graphs kept: compared here
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cache = {"cache_interval": 2, "cache_depth": 2}
+    for labels in ([0, 3, 7, 9], [5, 5, 1, 2]):
+        y = torch.tensor(labels, device="cuda")
+        shape = (len(labels), 1, 32, 32)
+        noise = torch.randn(d.num_steps + 1, *shape, device="cuda", generator=gen)
+        want = sample(model, d, shape, y=y, sampler=sampler, classifier=clf, guidance_scale=2.0,
+                      noise=noise, **cache)  # fmt: skip
+        got = engine.sample(sampler, d, lambda k, n=noise: n[k], y=y, model_y=y,
+                            guidance_scale=2.0, **cache)  # fmt: skip
+        assert rel_err(got, want) < 1e-3, labels
+    (st,) = engine._static.values()
+    assert set(st.graphs) == {(True, True), (True, False)}
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import KERNEL_DEVICE, rel_err, replay_reference_rng
-from fastsample import Classifier, Diffusion, UNet, sample
+from fastsample import Classifier, Diffusion, InputError, UNet, sample
 from fastsample.engine import FastEngine, kernel_available
 
 pytestmark = pytest.mark.usefixtures("triton_kernels", "no_fma_contraction")
@@ -151,3 +151,49 @@ def test_engine_reuses_its_static_buffers_across_batches(golden, engine, monkeyp
             assert rel_err(got, want) < TOL, (sampler, y.tolist())
     # one set of buffers per (shape, sampler): batch sizes 2 and 1, two samplers
     assert len(prepared) == 4 and len(engine._static) == 4
+
+
+@pytest.mark.parametrize(
+    "sampler,interval,depth,budget",
+    [
+        ("ddim", 2, 1, {}),
+        ("dpm++2m", 3, 2, {"guidance_every": 2}),
+        ("ddpm", 2, 2, {"guidance_interval": (0, 600)}),
+    ],
+)
+def test_engine_feature_cache_matches_the_eager_cached_loop(engine, sampler, interval, depth,
+                                                            budget):  # fmt: skip
+    """Feature caching on the static buffers (full and shallow steps, the deep feature in a
+    buffer) against sample()'s eager cached loop on the same networks, noise and plan; the
+    cached and uncached runs differ (the shallow steps really reuse a stale feature)."""
+    d = Diffusion(timestep_respacing="6")
+    y = torch.tensor([2, 8]).to(KERNEL_DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(d.num_steps + 1, 2, 3, 16, 16, generator=gen).to(KERNEL_DEVICE)
+    unet, clf = engine.model, engine.classifier
+    common = dict(y=y, sampler=sampler, classifier=clf, guidance_scale=1.5, noise=noise, **budget)
+    want = sample(unet, d, (2, 3, 16, 16), cache_interval=interval, cache_depth=depth, **common)
+    uncached = sample(unet, d, (2, 3, 16, 16), **common)
+    calls = []
+    real_split = engine._split
+    engine._split = lambda *a, **k: calls.append("full") or real_split(*a, **k)
+    got = engine.sample(sampler, d, lambda k: noise[k], y=y, model_y=y, guidance_scale=1.5,
+                        cache_interval=interval, cache_depth=depth, **budget)  # fmt: skip
+    assert rel_err(got, want) < TOL
+    assert rel_err(uncached, want) > 100 * TOL
+    assert len(calls) == -(-d.num_steps // interval)  # the full steps: calls 0, n, 2n, ...
+    # interval 1 is the uncached engine, whatever the depth
+    again = engine.sample(sampler, d, lambda k: noise[k], y=y, model_y=y, guidance_scale=1.5,
+                          cache_interval=1, cache_depth=depth, **budget)  # fmt: skip
+    assert rel_err(again, uncached) < TOL
+
+
+def test_engine_feature_cache_refuses_bad_settings_in_one_line(engine):
+    d = Diffusion(timestep_respacing="3")
+    noise = torch.randn(d.num_steps + 1, 1, 3, 16, 16).to(KERNEL_DEVICE)
+    for interval, depth, match in [(0, None, "cache_interval=0"), (2.5, None, "cache_interval"),
+                                   (2, 0, "cache_depth=0"), (2, 99, "cache_depth=99")]:  # fmt: skip
+        with pytest.raises(InputError, match=match) as info:
+            engine.sample("ddim", d, lambda k: noise[k], cache_interval=interval,
+                          cache_depth=depth)  # fmt: skip
+        assert "\n" not in str(info.value)

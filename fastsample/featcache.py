@@ -105,18 +105,18 @@ def split_fns(model, y, low_res, depth: int, layout: Layout | None = None, split
     """The two halves of a cached model function, labels and low_res bound as in
     netfns.model_fn: full(x, t) -> (output, deep feature) and part(x, t, feature) -> output.
     split / shallow replace model.forward_split / forward_shallow (compiled versions, say)."""
-    split = model.forward_split if split is None else split
-    shallow = model.forward_shallow if shallow is None else shallow
     inputs = {"low_res": low_res} if model.takes_low_res else {}
 
     def prepare(x: torch.Tensor) -> torch.Tensor:
         return x if layout is None else layout(x)
 
     def full(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return split(prepare(x), t, y=y, **inputs, depth=depth)
+        fn = model.forward_split if split is None else split  # looked up at each call
+        return fn(prepare(x), t, y=y, **inputs, depth=depth)
 
     def part(x: torch.Tensor, t: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
-        return shallow(prepare(x), t, y=y, **inputs, feature=feature, depth=depth)
+        fn = model.forward_shallow if shallow is None else shallow
+        return fn(prepare(x), t, y=y, **inputs, feature=feature, depth=depth)
 
     return full, part
 

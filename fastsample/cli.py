@@ -174,7 +174,7 @@ Examples:
     type=click.Choice(["auto", *_DTYPES]),
     default="auto",
     show_default=True,
-    help="Torso precision; auto = the README's on CUDA, fp32 on CPU.",
+    help="Both networks' torso precision; auto = the README's on CUDA, fp32 on CPU.",
 )
 @click.option(
     "--low-res",

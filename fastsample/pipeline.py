@@ -155,8 +155,10 @@ class Pipeline:
             for net in (self.model, self.classifier):
                 if net is not None:
                     net.set_kernels(kernels)
-        if dtype is not None:
-            self.model.set_precision(dtype)
+        if dtype is not None:  # an explicit precision is both networks'
+            for net in (self.model, self.classifier):
+                if net is not None:
+                    net.set_precision(dtype)
         self.diffusion = diffusion
         self.runtime = runtime
         self.graphs = None  # ExportedGraphs, made on first use for another runtime
@@ -261,7 +263,7 @@ class Pipeline:
         file name or its metadata), else the file's saved settings, else the defaults."""
         runtime = renamed("runtime", runtime, "backend", backend, "eager")
         net = _load_network(model, device, dtype, "model")
-        clf = _load_network(classifier, device, None, "classifier") if classifier else None
+        clf = _load_network(classifier, device, dtype, "classifier") if classifier else None
         if not isinstance(net, UNet):
             raise InputError(
                 f"model {str(model)!r} is a {type(net).__name__}, not a diffusion UNet"
@@ -439,7 +441,9 @@ class Pipeline:
         return r.diffusion, r.sampler, r.scale, r.labels, r.low_res
 
     def _retry_in_fp32(self, diffusion, shape, kwargs, where: str, step: int) -> torch.Tensor:
-        """A batch went NaN/inf (fp16 overflow): sample it again in float32, or say so."""
+        """A batch went NaN/inf (fp16 overflow): sample it again in float32 arithmetic (on the
+        weights as they were rounded to the low precision: no float32 copy is kept), or say
+        so."""
         n = diffusion.num_steps
         dtype = self.model.dtype if self.model is not None else None
         if dtype is None or dtype == torch.float32 or self.runtime != "eager":
@@ -456,12 +460,15 @@ class Pipeline:
             stacklevel=3,
         )
         self._engine = None  # its captured graphs hold the low-precision weights
-        self.model.set_precision(torch.float32)
+        nets = [(net, net.dtype) for net in (self.model, self.classifier) if net is not None]
+        for net, _ in nets:
+            net.set_precision(torch.float32)
         try:
             watch = _FiniteWatch(None)
             x = sample(self.model, diffusion, shape, callback=watch, **kwargs)
         finally:
-            self.model.set_precision(dtype)
+            for net, net_dtype in nets:
+                net.set_precision(net_dtype)
         again = watch.first_bad(x)
         if again is not None:
             raise NonFiniteError(

@@ -125,16 +125,18 @@ def _spiking(pipe, when):
 
 def test_fp16_overflow_retries_the_batch_in_fp32():
     pipe = Pipeline.from_pretrained("demo-mnist", "demo-mnist-classifier", dtype=torch.float16)
-    # The retry runs the same (fp16-rounded) weights in float32.
+    assert pipe.classifier.dtype == torch.float16  # an explicit dtype is both networks'
+    # The retry runs the same (fp16-rounded) weights of both networks in float32.
     reference = Pipeline.from_pretrained("demo-mnist", "demo-mnist-classifier",
                                          dtype=torch.float16)  # fmt: skip
     reference.model.set_precision(torch.float32)
+    reference.classifier.set_precision(torch.float32)
     _spiking(pipe, lambda dtype: dtype == torch.float16)
     with pytest.warns(UserWarning, match=r"samples 4..5: NaN/inf at step 3 of 4 in float16"):
         got = pipe.generate(2, steps="4", seed=1, first_index=4, progress=False)
     expected = reference.generate(2, steps="4", seed=1, first_index=4, progress=False)
     assert np.array_equal(got.images, expected.images)
-    assert pipe.model.dtype == torch.float16  # its precision is back
+    assert pipe.model.dtype == pipe.classifier.dtype == torch.float16  # their precision is back
 
 
 def test_nan_in_fp32_is_an_error_naming_the_step_and_nothing_is_written(tmp_path, monkeypatch):

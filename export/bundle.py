@@ -63,7 +63,11 @@ def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str,
 
     Tables are float64 (JSON round-trips them exactly) and indexed by respaced step i; a sampler
     runs i = num_steps - 1 down to 0 and gives the networks t_model[i] (fractional under a
-    time schedule other than "respace": the graphs take float t)."""
+    time schedule other than "respace": the graphs take float t). guide[i] is 1 where a guided
+    DDIM step applies the classifier gradient, 0 where the pipeline's stable guidance skips it
+    (alpha_bar < ~1e-6: `fastsample.guidance`), which is what fastsample-run does."""
+    from fastsample.guidance import guidance_plan
+
     c = diffusion.coefficients()
     tables = {
         "t_model": diffusion.model_timesteps(),
@@ -76,6 +80,7 @@ def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str,
         "posterior_log_variance_clipped": c.posterior_log_variance_clipped,
         "log_betas": c.log_betas,
         "fixed_large_log_variance": c.fixed_large_log_variance,
+        "guide": [1.0 if u else 0.0 for u in guidance_plan("ddim", diffusion, stable=True).use],
     }
     return {
         "diffusion": dataclasses.asdict(diffusion),
@@ -288,6 +293,12 @@ def _write_graphs(
             files[entry["file"]] = sha256_file(staging / entry["file"])
         entries[name] = entry
     schedule = schedule_json(diffusion)
+    skipped = [t for t, g in zip(schedule["timestep_map"], schedule["tables"]["guide"],
+                                 strict=True) if not g]  # fmt: skip
+    if classifier is not None and skipped:
+        log(f"schedule.json: guided DDIM (fastsample-run) skips the classifier gradient at t = "
+            f"{', '.join(f'{t:g}' for t in skipped)}, where alpha_bar < 1e-6 would turn samples "
+            "into noise (the pipeline's stable guidance)")  # fmt: skip
     (staging / "schedule.json").write_text(json.dumps(schedule) + "\n")
     files["schedule.json"] = sha256_file(staging / "schedule.json")
     if guidance_scale is None:

@@ -9,7 +9,9 @@
 // The loop is the one fastsample's Python DDIM sampler runs (Song et al. eq. 12; guidance as in
 // Dhariwal & Nichol's Algorithm 2): the same float32 tables, gathered from schedule.json's
 // float64 values, and the same operation order, so that given the same noise the two agree to
-// the graphs' rounding. images.npy holds [B, H, W, C] uint8 (truncated like the reference);
+// the graphs' rounding. Guidance is applied at the steps schedule.json's "guide" table marks
+// (the pipeline's stable guidance: not where alpha_bar < ~1e-6; every step in exports that
+// predate the table). images.npy holds [B, H, W, C] uint8 (truncated like the reference);
 // --raw also writes the float32 samples [B, C, H, W].
 //
 // --seed S draws as `fastsample sample --seed S` does on the same device: sample i (counted from
@@ -274,6 +276,11 @@ int run(const Args& a) {
   torch::Tensor sigma = a.eta * torch::sqrt((1 - ac_prev) / (1 - ac)) * torch::sqrt(1 - ac / ac_prev);
   torch::Tensor sqrt_ac_prev = torch::sqrt(ac_prev);
   torch::Tensor dir_coef = torch::sqrt((1 - ac_prev - sigma.pow(2)).clamp_min(0));
+  std::vector<double> guide(n, 1.0);  // where a guided step applies the gradient
+  if (tables.has("guide")) guide = tables.at("guide").as_numbers();
+  if (static_cast<int64_t>(guide.size()) != n)
+    usage_error("schedule.json: a guide table of " + std::to_string(guide.size()) + " steps for " +
+                std::to_string(n) + " steps");
 
   // One batch: draw(k) is x_T for k = 0, else step k's fresh noise [b, C, H, W].
   auto ddim = [&](const std::function<torch::Tensor(int64_t)>& draw, const torch::Tensor& y_b) {
@@ -291,7 +298,7 @@ int run(const Args& a) {
       torch::Tensor eps_out = learn_sigma ? out.narrow(1, 0, C) : out;
       torch::Tensor x0 = predict_xstart ? eps_out : sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps_out;
       if (clip) x0 = x0.clamp(-1, 1);
-      if (guided) {
+      if (guided && guide[i] != 0.0) {
         torch::Tensor g = grad({x, t, y_b}) * scale;
         torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i] - sqrt_one_minus_ac[i] * g;
         x0 = sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps;

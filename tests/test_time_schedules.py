@@ -320,3 +320,18 @@ def test_schedule_json_written_before_time_schedules_still_loads():
     schedule = schedule_json(Diffusion(timestep_respacing="ddim4"))
     del schedule["diffusion"]["time_schedule"]
     assert diffusion_from_schedule(schedule) == Diffusion(timestep_respacing="ddim4")
+
+
+@pytest.mark.parametrize("noise_schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("steps", ["10", "ddim10", "25", "4"])
+def test_schedule_json_guide_table_skips_only_where_the_gain_is_over_1000(noise_schedule, steps):
+    """fastsample-run guides where schedule.json's guide table says: everywhere but the steps
+    whose eps-form guidance gain (1 - abar) / sqrt(abar) exceeds 1000 (cosine t = 999 only;
+    linear t = 999 has about 158), from the schedule's own float64 alpha_bar."""
+    schedule = schedule_json(Diffusion(noise_schedule=noise_schedule, timestep_respacing=steps))
+    abar = np.array(schedule["tables"]["alphas_cumprod"])
+    want = [0.0 if g > 1000 else 1.0 for g in (1 - abar) / np.sqrt(abar)]
+    assert schedule["tables"]["guide"] == want
+    skipped = [t for t, g in zip(schedule["timestep_map"], want, strict=True) if not g]
+    starts_at_999 = steps in ("10", "25", "4")
+    assert skipped == ([999] if noise_schedule == "cosine" and starts_at_999 else [])

@@ -178,6 +178,8 @@ class FastEngine:
                 solvers.warn_start(diffusion)
                 if guided:
                     solvers.warn_unstable(plan, sampler)
+                    solvers.warn_few_steps(sampler, solvers.get_solver(sampler).multistep,
+                                           diffusion.num_steps)  # fmt: skip
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
                                          model_y, low_res, float(eta), float(guidance_scale),
                                          bool(clip_denoised), callback, plan, cache)  # fmt: skip

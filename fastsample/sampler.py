@@ -41,6 +41,7 @@ from .guidance import (  # noqa: F401
     GuidancePlan,
     check_guidance_budget,
     guidance_plan,
+    warn_few_steps,
     warn_unstable,
 )  # fmt: skip
 from .netfns import GuidanceFn, ModelFn
@@ -411,6 +412,7 @@ def run(
     plan = guidance_plan(sampler, diffusion, guidance_interval, guidance_every, stable_guidance)
     if guided:
         warn_unstable(plan, sampler)
+        warn_few_steps(sampler, solver.multistep, diffusion.num_steps)
     x = noise(0)
     tab = solver.tables_for(diffusion, x.device, eta, guided)
     spec = Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip_denoised))

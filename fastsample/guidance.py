@@ -28,8 +28,8 @@ from .schedule import Diffusion
 MAX_GUIDANCE_GAIN = 1000.0
 # Multistep solvers extrapolate from earlier guided values; over the long steps of a short run
 # they overshoot the guidance term. bench.solvers on the demo (scale 2, 1,000 samples, log-SNR
-# times): at 5 and 8 calls every multistep solver read 0.25-0.82 judge accuracy where ddim read
-# 0.83-0.88 and ddpm 0.86-0.92; from 10 calls on they read 0.89-0.92 (dpm++2m-sde up to 0.99).
+# times): at 5 and 8 calls every multistep solver read 0.20-0.82 judge accuracy where ddim read
+# 0.83-0.88 and ddpm 0.86-0.92; from 10 calls on they read 0.84-0.92 (dpm++2m-sde up to 0.99).
 MIN_MULTISTEP_GUIDED_STEPS = 10
 
 

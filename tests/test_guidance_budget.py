@@ -235,7 +235,8 @@ def test_the_help_lists_the_noise_level_of_each_timestep():
 
 def test_cli_run_records_and_prints_the_calls_per_image(tmp_path):
     """The demo, guided dpm++2m from t = 999 (cosine): the stable default skips that step with
-    one warning line; interval, reuse and caching cut the calls; run.json records them."""
+    one warning line (and one says 4 guided steps are too few); interval, reuse and caching cut
+    the calls; run.json records them."""
     out = tmp_path / "run"
     args = ["sample", "--quiet", "--device", "cpu", "--num-samples", "2", "--batch-size", "1",
             "--steps", "4", "--sampler", "dpm++2m", "--guidance-interval", "0,900",
@@ -255,15 +256,20 @@ def test_cli_run_records_and_prints_the_calls_per_image(tmp_path):
     assert result.stdout.strip().endswith(
         "per image: 4 UNet calls (2 full, 2 shallow), 2 classifier calls"
     )
-    assert result.stderr == ""
+    few = "warning: dpm++2m: 4 guided steps are too few for a multistep solver"
+    assert [line[: len(few)] for line in result.stderr.splitlines()] == [few], result.stderr
     again = tmp_path / "stable"
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         result = CliRunner().invoke(main, [*args[:12], "--out", str(again)])
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        "warning: dpm++2m: classifier guidance skipped at t = 999 (1 of 4 steps)"
+    assert (
+        len(lines) == 2
+        and lines[0].startswith(
+            "warning: dpm++2m: classifier guidance skipped at t = 999 (1 of 4 steps)"
+        )
+        and lines[1].startswith(few)
     ), result.stderr
     record = json.loads((again / "run.json").read_text())
     assert record["settings"]["stable_guidance"] is True

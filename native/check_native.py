@@ -24,8 +24,11 @@ import torch
 
 # Same graphs, same float32 ops in the same order: only kernel scheduling differs.
 TOL_SAME_GRAPHS = 1e-5
-# Compiled graphs vs eager modules: float32 summation order, through 10 guided steps.
-TOL_EAGER = 1e-4
+# Compiled graphs vs eager modules: float32 summation order, through 10 guided steps. The
+# default "10" steps start at t = 999 (cosine), where x0 = (x - sqrt(1 - abar) eps) / sqrt(abar)
+# multiplies eps's differences by 1 / sqrt(abar) = 2e4 (measured 5.2e-4 of scale; the engine's
+# tests allow 5e-4 there for the same reason). Native vs Python on the same graphs stays exact.
+TOL_EAGER = 1e-3
 
 
 def main() -> int:

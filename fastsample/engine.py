@@ -164,7 +164,7 @@ class FastEngine:
         static buffer)."""
         if eta < 0:
             raise InputError(f"eta={eta}: expected >= 0")
-        cache = self._cache(cache_interval, cache_depth)
+        cache = featcache.settings(self.model, cache_interval, cache_depth)
         guided = self.classifier is not None and guidance_scale != 0
         plan = solvers.guidance_plan(sampler, diffusion, guidance_interval, guidance_every,
                                      stable_guidance)  # fmt: skip
@@ -175,11 +175,7 @@ class FastEngine:
 
         with torch.no_grad():
             if self._fused_update(sampler, diffusion, x_T.shape, guided, eta, clip_denoised):
-                solvers.warn_start(diffusion)
-                if guided:
-                    solvers.warn_unstable(plan, sampler)
-                    solvers.warn_few_steps(sampler, solvers.get_solver(sampler).multistep,
-                                           diffusion.num_steps)  # fmt: skip
+                solvers.advise(solvers.get_solver(sampler), diffusion, plan, guided)
                 return self._static_loop(sampler, diffusion, noise, y if guided else None,
                                          model_y, low_res, float(eta), float(guidance_scale),
                                          bool(clip_denoised), callback, plan, cache)  # fmt: skip
@@ -196,19 +192,6 @@ class FastEngine:
                 stable_guidance=stable_guidance, eta=eta, clip_denoised=clip_denoised,
                 callback=callback,
             )  # fmt: skip
-
-    def _cache(self, interval, depth) -> tuple[int, int] | None:
-        """(interval, depth) of a feature-cached request; None without caching (interval 1)."""
-        interval = featcache.check_interval(interval)
-        if interval == 1:
-            return None
-        if self._split is None:
-            raise InputError(
-                f"cache_interval={interval}: feature caching needs a UNet or SuperResUNet, got "
-                f"{type(self.model).__name__}"
-            )
-        depth = featcache.DEFAULT_DEPTH if depth is None else depth
-        return interval, self.model.check_depth(depth)
 
     def _fused_update(self, sampler, diffusion, shape, guided, eta, clip) -> bool:
         """Whether this request runs the fused update on static buffers (else the eager loop):

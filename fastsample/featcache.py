@@ -129,14 +129,29 @@ def cached_model_fn(
     for interval - 1 calls after each full call. model: an eager UNet or SuperResUNet.
     interval = 1 calls the plain model function (exactly netfns.model_fn's results). split /
     shallow: replacements for model.forward_split / forward_shallow (see split_fns)."""
+    _check_model(model)
+    return CachedModelFn(model, y, low_res, check_interval(interval), model.check_depth(depth),
+                         layout, split, shallow)  # fmt: skip
+
+
+def settings(model, interval: int, depth: int | None) -> tuple[int, int] | None:
+    """A run's checked (interval, depth) for `model` (depth None: DEFAULT_DEPTH); None where
+    interval is 1, which does not cache (a depth given with it is still checked)."""
+    interval = check_interval(interval)
+    if interval == 1 and depth is None:
+        return None
+    _check_model(model)
+    depth = model.check_depth(DEFAULT_DEPTH if depth is None else depth)
+    return None if interval == 1 else (interval, depth)
+
+
+def _check_model(model) -> None:
     from .unet import UNet
 
     if not isinstance(model, UNet):
         raise InputTypeError(
             f"model: feature caching needs a UNet or SuperResUNet, got {type(model).__name__}"
         )
-    return CachedModelFn(model, y, low_res, check_interval(interval), model.check_depth(depth),
-                         layout, split, shallow)  # fmt: skip
 
 
 def shallow_flop_share(config: UNetConfig, depth: int) -> float:

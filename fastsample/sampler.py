@@ -380,6 +380,15 @@ def warn_start(diffusion: Diffusion) -> None:
         )
 
 
+def advise(solver: Solver, diffusion: Diffusion, plan: GuidancePlan, guided: bool) -> None:
+    """A run's one-line advisories, whichever loop runs it: a late start, guidance skipped (or
+    applied as the reference) where it breaks samples, too few guided multistep steps."""
+    warn_start(diffusion)
+    if guided:
+        warn_unstable(plan, solver.name)
+        warn_few_steps(solver.name, solver.multistep, diffusion.num_steps)
+
+
 def run(
     sampler: SamplerName,
     model: ModelFn,
@@ -408,11 +417,8 @@ def run(
     if eta < 0:
         raise InputError(f"eta={eta}: expected >= 0")
     guided = guidance is not None and guidance_scale != 0
-    warn_start(diffusion)
     plan = guidance_plan(sampler, diffusion, guidance_interval, guidance_every, stable_guidance)
-    if guided:
-        warn_unstable(plan, sampler)
-        warn_few_steps(sampler, solver.multistep, diffusion.num_steps)
+    advise(solver, diffusion, plan, guided)
     x = noise(0)
     tab = solver.tables_for(diffusion, x.device, eta, guided)
     spec = Spec(diffusion.learn_sigma, diffusion.predict_xstart, bool(clip_denoised))

@@ -236,10 +236,10 @@ def sample(
               "stable_guidance": bool(stable_guidance)}  # fmt: skip
     solvers.check_guidance_budget(guidance_interval, guidance_every)
     model_fn = make_model(y_model, low_res)
-    if runtime == "eager" and (cache_interval != 1 or cache_depth is not None):
-        depth = featcache.DEFAULT_DEPTH if cache_depth is None else cache_depth
-        model_fn = featcache.cached_model_fn(model, y_model, low_res, interval=cache_interval,
-                                             depth=depth)  # fmt: skip
+    cache = featcache.settings(model, cache_interval, cache_depth) if runtime == "eager" else None
+    if cache is not None:
+        model_fn = featcache.cached_model_fn(model, y_model, low_res, interval=cache[0],
+                                             depth=cache[1])  # fmt: skip
     guidance = make_guidance(y) if guided else None
     draw = noise_source(noise, seed, shape, diffusion.num_steps, device)
     if runtime != "eager":

@@ -38,6 +38,9 @@ class Preset:
     low_res_size: int | None = None  # upsamplers: side of the low-resolution input
     weights: str | None = None  # file shipped in fastsample/demo/weights (demo presets only)
     sampler: Literal["ddpm", "ddim", "dpm++2m"] = "ddpm"  # README: use_ddim False everywhere
+    # What generate() runs without sampling options (`fastsample.recipes`): "reference" (the
+    # sampler, respacing and scale above) or a shipped recipe's name.
+    recipe: str = "reference"
 
     @property
     def kind(self) -> Literal["unet", "superres", "classifier"]:
@@ -181,6 +184,9 @@ _PRESETS += [
         classifier_scale=2.0,
         weights=f"{DEMO_UNET}.safetensors",
         sampler="ddpm",
+        # Without options the demo runs its `fast` recipe (fastsample/recipes.json: measured by
+        # `fastsample tune`; docs/frontier.md): 0.25x the reference setting's time per image.
+        recipe="fast",
     ),
     Preset(
         DEMO_CLASSIFIER,

@@ -64,25 +64,21 @@ def budget_options(command):
         click.option(
             "--guidance-every",
             metavar="K",
-            default="1",
-            show_default=True,
-            help="Compute the classifier gradient at every K-th guided step; reuse it between.",
+            help="Compute the classifier gradient at every K-th guided step; reuse it between "
+            "(default 1).",
         ),
         click.option(
             "--stable-guidance/--reference-guidance",
-            default=True,
-            show_default=True,
-            help="Stable: skip guidance where alpha_bar < 1e-6 (the cosine schedule's last "
-            "timesteps), where it turns the samples of every sampler but ddpm into noise (one "
-            "line says so); reference: guide there too, as the reference does.",
+            default=None,
+            help="Stable (the default): skip guidance where alpha_bar < 1e-6 (the cosine "
+            "schedule's last timesteps), where it turns the samples of every sampler but ddpm "
+            "into noise (one line says so); reference: guide there too, as the reference does.",
         ),
         click.option(
             "--cache-interval",
             metavar="N",
-            default="1",
-            show_default=True,
             help="Feature caching (DeepCache): the whole UNet at every N-th step, only its "
-            "shallow blocks in between, reusing the deep feature; 1: no caching.",
+            "shallow blocks in between, reusing the deep feature; 1: no caching (default).",
         ),
         click.option(
             "--cache-depth",

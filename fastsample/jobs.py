@@ -61,10 +61,14 @@ class SampleRequest:
     schedule: TimeSchedule | None = None  # None: "respace", or an export directory's own
     # The guidance budget and feature caching: see Pipeline.generate.
     guidance_interval: tuple[float, float] | None = None  # original timesteps (lo, hi)
-    guidance_every: int = 1
-    stable_guidance: bool = True
-    cache_interval: int = 1
+    guidance_every: int | None = None  # None: the recipe's, else 1
+    stable_guidance: bool | None = None  # None: the recipe's, else True
+    cache_interval: int | None = None  # None: the recipe's, else 1
     cache_depth: int | None = None
+    # fast | balanced | reference | a JSON file (`fastsample.recipes`); the options above that
+    # are given win over its fields. None: the options alone (and the preset's default recipe
+    # where no sampling option is given).
+    recipe: str | None = None
 
 
 def sample(
@@ -126,16 +130,32 @@ def sample(
             runtime=r.runtime or "eager",
             kernels=r.kernels,
         )
+    given = (r.scale, r.sampler, r.steps, r.schedule, r.guidance_interval, r.guidance_every,
+             r.stable_guidance, r.cache_interval, r.cache_depth)  # fmt: skip
+    if pipe.model is not None and pipe.runtime == "eager":
+        from . import recipes
+
+        name = r.recipe
+        if name is None and all(v is None for v in given):
+            name = recipes.default_for(pipe.preset)  # (the demo's: fast)
+        rec = recipes.load(name, pipe.preset) if name is not None else None
+        if rec is not None and rec.dtype is not None and r.dtype == "auto" and (
+            r.recipe is not None or recipes.supported(rec.dtype, device)
+        ):  # the recipe's precision (a default one only where the device runs it natively)
+            want = getattr(torch, TORCH_DTYPES[rec.dtype])
+            for net in (pipe.model, pipe.classifier):
+                if net is not None:
+                    net.set_precision(want)
     # Whatever generate() would refuse, refused now, before out is touched.
     budget = {"guidance_interval": r.guidance_interval, "guidance_every": r.guidance_every,
               "stable_guidance": r.stable_guidance, "cache_interval": r.cache_interval,
               "cache_depth": r.cache_depth}  # fmt: skip
-    resolved = pipe.check(r.num_samples, r.batch_size, labels, None, r.sampler, r.steps, r.seed,
-                          low, r.schedule, **budget)  # fmt: skip
+    resolved = pipe.check(r.num_samples, r.batch_size, labels, r.scale, r.sampler, r.steps,
+                          r.seed, low, r.schedule, recipe=r.recipe, **budget)  # fmt: skip
     settings = {
         "model": identity(model),
         "classifier": identity(classifier) if classifier is not None else None,
-        "scale": pipe.guidance_scale,
+        "scale": resolved.scale,
         "steps": r.steps,
         "sampler": r.sampler,
         "eta": r.eta,
@@ -153,6 +173,8 @@ def sample(
     if r.schedule not in (None, "respace"):
         settings["schedule"] = r.schedule  # (absent for respace, as in runs made before it)
     settings.update(budget_settings(resolved))
+    if resolved.recipe is not None:  # (absent without one, as in runs made before recipes)
+        settings["recipe"] = {"name": resolved.recipe.name, **resolved.recipe.knobs()}
 
     bar = None
     diffusion = resolved.diffusion  # as generate()'s
@@ -169,10 +191,12 @@ def sample(
             count,
             batch_size=count,
             classes=labels,
+            guidance_scale=r.scale,
             sampler=r.sampler,
             steps=r.steps,
             schedule=r.schedule,
             eta=r.eta,
+            recipe=r.recipe,
             seed=r.seed,
             progress=bar or False,
             low_res=None if low is None else low[first : first + count],

@@ -26,6 +26,7 @@ from .checkpoint import create_model, load_model, read_diffusion
 from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
 from .image_io import atomic_write, image_grid, to_uint8, write_npz
 from .ops import Kernels
+from .recipes import Recipe
 from .request import Request, resolve
 from .sampling import (
     Runtime,
@@ -325,10 +326,11 @@ class Pipeline:
         first_index: int = 0,
         schedule: TimeSchedule | None = None,
         guidance_interval: tuple[float, float] | None = None,
-        guidance_every: int = 1,
-        stable_guidance: bool = True,
-        cache_interval: int = 1,
+        guidance_every: int | None = None,
+        stable_guidance: bool | None = None,
+        cache_interval: int | None = None,
         cache_depth: int | None = None,
+        recipe: str | os.PathLike | Recipe | None = None,
     ) -> Generation:
         """Generate num_samples images; sample i uses seed (seed, first_index + i), whatever the
         batch size, so a run split into shards (first_index = shard start) gives the same images.
@@ -355,11 +357,20 @@ class Pipeline:
         one-line warning names the skipped steps. cache_interval n, cache_depth d: DeepCache
         feature caching (`fastsample.featcache`; 1: none, exactly the uncached results; the
         eager runtime only).
+
+        recipe: every sampling knob at once (`fastsample.recipes`): "fast", "balanced",
+        "reference" (the preset's own setting), a `fastsample tune` file or a Recipe; the
+        knobs given here (not None) win over its fields. A recipe that names a precision
+        needs networks in it (from_pretrained(dtype=...)). Without a recipe and without any
+        sampling knob, the preset's default recipe runs (the demo's: "fast", in the
+        pipeline's precision; every released checkpoint's: "reference").
         """
         req = resolve(
-            self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-            low_res, first_index, schedule, guidance_interval, guidance_every, stable_guidance,
-            cache_interval, cache_depth,
+            self, num_samples, batch_size, classes, seed, low_res, first_index, recipe,
+            guidance_scale=guidance_scale, sampler=sampler, steps=steps, schedule=schedule,
+            guidance_interval=guidance_interval, guidance_every=guidance_every,
+            stable_guidance=stable_guidance, cache_interval=cache_interval,
+            cache_depth=cache_depth,
         )  # fmt: skip
         labels, low, diffusion = req.labels, req.low_res, req.diffusion
         cfg = self.config
@@ -419,25 +430,30 @@ class Pipeline:
         low_res: np.ndarray | torch.Tensor | None = None,
         schedule: TimeSchedule | None = None,
         guidance_interval: tuple[float, float] | None = None,
-        guidance_every: int = 1,
-        stable_guidance: bool = True,
-        cache_interval: int = 1,
+        guidance_every: int | None = None,
+        stable_guidance: bool | None = None,
+        cache_interval: int | None = None,
         cache_depth: int | None = None,
+        recipe: str | os.PathLike | Recipe | None = None,
     ) -> Request:
         """Raise ValueError where generate() with these arguments would, without sampling;
         else return the resolved request (its `calls`: the network calls per image)."""
         return resolve(
-            self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-            low_res, 0, schedule, guidance_interval, guidance_every, stable_guidance,
-            cache_interval, cache_depth,
+            self, num_samples, batch_size, classes, seed, low_res, 0, recipe,
+            guidance_scale=guidance_scale, sampler=sampler, steps=steps, schedule=schedule,
+            guidance_interval=guidance_interval, guidance_every=guidance_every,
+            stable_guidance=stable_guidance, cache_interval=cache_interval,
+            cache_depth=cache_depth,
         )  # fmt: skip
 
     def _request(self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
                  low_res, first_index, schedule=None):  # fmt: skip
         """(diffusion, sampler, scale, labels, low_res): the tuple this used to return, for
         the callers that unpack it (tests/test_time_schedules.py); `check` returns all of it."""
-        r = resolve(self, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-                    low_res, first_index, schedule, None, 1, True, 1, None)  # fmt: skip
+        r = resolve(self, num_samples, batch_size, classes, seed, low_res, first_index,
+                    "reference" if steps is None and sampler is None else None,
+                    guidance_scale=guidance_scale, sampler=sampler, steps=steps,
+                    schedule=schedule)  # fmt: skip
         return r.diffusion, r.sampler, r.scale, r.labels, r.low_res
 
     def _retry_in_fp32(self, diffusion, shape, kwargs, where: str, step: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ class Request:
     stable_guidance: bool = True
     cache_interval: int = 1
     cache_depth: int | None = None
+    recipe: Any = None  # the recipes.Recipe applied (None: the options alone)
 
     @property
     def guided(self) -> bool:
@@ -74,10 +75,60 @@ class Request:
         return calls
 
 
-def resolve(pipe, num_samples, batch_size, classes, guidance_scale, sampler, steps, seed,
-            low_res, first_index, schedule, guidance_interval, guidance_every, stable_guidance,
-            cache_interval, cache_depth) -> Request:  # fmt: skip
-    """generate()'s arguments for the Pipeline `pipe`, checked (one InputError each)."""
+def knobs(pipe, recipe, **given) -> tuple[dict[str, Any], Any]:
+    """The sampling knobs of a request: a recipe's (`fastsample.recipes`; None: the preset's
+    default recipe where it has one other than its reference setting, and no knob is given),
+    with every knob given (not None) in its place, and the defaults for the rest; and the
+    recipe applied (a Recipe, or None)."""
+    from . import recipes
+
+    implicit = False
+    if recipe is None and all(v is None for v in given.values()) and pipe.runtime == "eager":
+        recipe = recipes.default_for(pipe.preset)
+        implicit = recipe != "reference"
+        recipe = recipe if implicit else None
+    rec = None
+    if recipe is None:
+        out = dict(given)
+    else:
+        rec = recipes.load(recipe, pipe.preset)
+        if not implicit:  # (the default runs in the pipeline's precision, whatever it is)
+            _check_recipe_dtype(pipe, rec)
+        out = recipes.merge(rec, **given)
+        out.pop("dtype")
+    defaults = {"guidance_every": 1, "stable_guidance": True, "cache_interval": 1}
+    return {k: defaults[k] if v is None and k in defaults else v for k, v in out.items()}, rec
+
+
+def _check_recipe_dtype(pipe, rec) -> None:
+    if rec.dtype is None or pipe.model is None:
+        return
+    import torch
+
+    want = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[rec.dtype]
+    have = pipe.model.dtype
+    if have != want:
+        raise InputError(
+            f"recipe {rec.name!r} runs the networks in {rec.dtype}; this pipeline's are "
+            f"{str(have).replace('torch.', '')} (load them with dtype={want})"
+        )
+
+
+def resolve(pipe, num_samples, batch_size, classes, seed, low_res, first_index, recipe=None,
+            *, guidance_scale=None, sampler=None, steps=None, schedule=None,
+            guidance_interval=None, guidance_every=None, stable_guidance=None,
+            cache_interval=None, cache_depth=None) -> Request:  # fmt: skip
+    """generate()'s arguments for the Pipeline `pipe`, checked (one InputError each). The
+    sampling knobs (None: not given) are merged with the recipe's: see `knobs`."""
+    k, rec = knobs(pipe, recipe, guidance_scale=guidance_scale, sampler=sampler, steps=steps,
+              schedule=schedule, guidance_interval=guidance_interval,
+              guidance_every=guidance_every, stable_guidance=stable_guidance,
+              cache_interval=cache_interval, cache_depth=cache_depth)  # fmt: skip
+    guidance_scale, sampler, steps, schedule = (k["guidance_scale"], k["sampler"], k["steps"],
+                                                k["schedule"])  # fmt: skip
+    guidance_interval, guidance_every = k["guidance_interval"], k["guidance_every"]
+    stable_guidance, cache_interval, cache_depth = (k["stable_guidance"], k["cache_interval"],
+                                                    k["cache_depth"])  # fmt: skip
     if not isinstance(num_samples, int) or num_samples < 1:
         raise InputError(f"num_samples={num_samples!r}: expected a positive integer")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -116,7 +167,7 @@ def resolve(pipe, num_samples, batch_size, classes, guidance_scale, sampler, ste
     return Request(
         diffusion, sampler, scale, _labels(pipe, num_samples, classes, seed, first_index),
         _low_res(pipe, low_res, num_samples), plan, interval, every, bool(stable_guidance),
-        cache_interval, cache_depth,
+        cache_interval, cache_depth, rec,
     )  # fmt: skip
 
 

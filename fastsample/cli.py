@@ -9,6 +9,7 @@ import warnings
 
 import click
 
+from . import cli_tune
 from .cliopts import (
     GUIDANCE_LINES,
     SCHEDULE_LINES,
@@ -163,6 +164,12 @@ Examples:
     help="Sampler (default: the preset's without --steps; else ddim for 'ddimN', else ddpm).",
 )
 @budget_options
+@click.option(
+    "--recipe",
+    metavar="NAME|FILE",
+    help="Every sampling knob at once: fast, balanced, reference (the preset's own setting) "
+    "or a `fastsample tune` file; options given beside it win over its fields (below).",
+)
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM stochasticity.")
 @click.option("--num-samples", type=int, default=64, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
@@ -213,7 +220,8 @@ Examples:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_one_line_errors
 def sample_cmd(model, classifier, scale, steps, schedule, sampler, guidance_interval,
-               guidance_every, stable_guidance, cache_interval, cache_depth, eta, num_samples,
+               guidance_every, stable_guidance, cache_interval, cache_depth, recipe, eta,
+               num_samples,
                batch_size, classes, seed, device, dtype, low_res, runtime, backend, kernels,
                out_dir, overwrite, quiet) -> None:  # fmt: skip
     """Generate images into OUT: shards, then OUT/samples.npz (arr_0 NHWC uint8, arr_1 labels)
@@ -248,6 +256,7 @@ def sample_cmd(model, classifier, scale, steps, schedule, sampler, guidance_inte
         stable_guidance=stable_guidance,
         cache_interval=parse_count("--cache-interval", cache_interval),
         cache_depth=parse_count("--cache-depth", cache_depth),
+        recipe=recipe,
     )
     done = jobs.sample(request, progress=not quiet, log=lambda line: click.echo(line, err=True))
     if not done.complete:
@@ -487,3 +496,5 @@ def doctor_cmd(device, sizes, runtimes, json_out) -> None:
 
 if __name__ == "__main__":
     main()
+
+cli_tune.register(main, _one_line_errors)

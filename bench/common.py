@@ -62,3 +62,21 @@ def report(name: str, lines: list[str], header, rows: list[dict], json_path=None
     if markdown_path:
         with open(markdown_path, "a") as f:
             f.write(f"\n### python -m bench.{name}\n\n" + "\n".join(lines) + "\n")
+
+
+def parse_calls(parser, text: str) -> list[int]:
+    """--calls "5,10,25" -> [5, 10, 25] (counts of at least 2), else the parser's error."""
+    try:
+        calls = [int(c) for c in text.split(",")]
+    except ValueError:
+        parser.error(f"--calls {text!r}: expected comma-separated integers")
+    if any(c < 2 for c in calls):
+        parser.error(f"--calls {text!r}: expected counts of at least 2")
+    return calls
+
+
+def check_positive(parser, args, names) -> None:
+    """The parser's error for any of these options below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected at least 1")

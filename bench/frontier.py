@@ -43,6 +43,7 @@ from fastsample.evaluate import Scorer, load_reference
 from fastsample.guidance import guidance_plan
 from fastsample.recipes import Recipe
 
+from .common import check_positive, parse_calls
 from .common import commit as head_commit
 
 H100_FLOPS = 989e12  # dense fp16/bf16, datasheet
@@ -155,15 +156,8 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=Path("bench/frontier.rows.json"))
     parser.add_argument("--out", type=Path, default=Path("docs/frontier.md"))
     args = parser.parse_args()
-    try:
-        calls = [int(c) for c in args.calls.split(",")]
-    except ValueError:
-        parser.error(f"--calls {args.calls!r}: expected comma-separated integers")
-    if any(c < 2 for c in calls):
-        parser.error(f"--calls {args.calls!r}: expected counts of at least 2")
-    for name in ("samples", "batch", "time_samples", "time_repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected >= 1")
+    calls = parse_calls(parser, args.calls)
+    check_positive(parser, args, ("samples", "batch", "time_samples", "time_repeats", "threads"))
     torch.set_num_threads(args.threads)
     commit = head_commit()
     scale = PRESETS[DEMO_UNET].classifier_scale

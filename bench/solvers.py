@@ -37,8 +37,8 @@ from fastsample.catalog import DEMO_UNET, PRESETS
 from fastsample.demo import WEIGHTS_DIR
 from fastsample.evaluate import evaluate
 
+from .common import check_positive, median_seconds, parse_calls
 from .common import commit as head_commit
-from .common import median_seconds
 
 # (sampler, schedule, respacing pattern): "{n}" is the number of calls
 SETTINGS = [
@@ -123,15 +123,10 @@ def main() -> None:
     parser.add_argument("--rows", type=Path, default=Path("bench/solvers.rows.json"))
     parser.add_argument("--out", type=Path, default=Path("bench/solvers.md"))
     args = parser.parse_args()
-    try:
-        calls = [int(c) for c in args.calls.split(",")]
-    except ValueError:
-        parser.error(f"--calls {args.calls!r}: expected comma-separated integers")
-    if any(c < 2 for c in calls):
-        parser.error(f"--calls {args.calls!r}: expected counts of at least 2")
-    for name in ("samples", "batch", "time_samples", "time_repeats", "repeats", "threads"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: expected at least 1")
+    calls = parse_calls(parser, args.calls)
+    check_positive(
+        parser, args, ("samples", "batch", "time_samples", "time_repeats", "repeats", "threads")
+    )
     settings = SETTINGS
     if args.samplers:
         wanted = args.samplers.split(",")

@@ -30,8 +30,9 @@ def tune_job(model, classifier, ref, target, within, budget, out, samples, batch
     for name, value in (("--samples", samples), ("--batch-size", batch_size)):
         if value < 1:
             raise InputError(f"{name} {value}: expected a positive integer")
-    if samples < 4 * batch_size and samples < 100:
-        raise InputError(f"--samples {samples}: expected at least 100 (FID needs many samples)")
+    if samples < 20:
+        raise InputError(f"--samples {samples}: expected at least 20 (FID needs many samples; "
+                         "1000 or more to tell settings apart within 10%)")  # fmt: skip
     if seed < 0:
         raise InputError(f"--seed {seed}: expected a non-negative integer")
     if model is None:
@@ -57,6 +58,8 @@ def tune_job(model, classifier, ref, target, within, budget, out, samples, batch
                 "(package.module:factory)"
             )
         extractor = "judge"
+    if extractor != "judge" and any(metric == "accuracy" for metric, _ in goal.bounds):
+        raise InputError("--target accuracy: only the judge extractor measures accuracy")
     scorer = Scorer(ref_images, extractor, ref_stats)
 
     def make_pipe(precision: str | None):
@@ -77,9 +80,18 @@ def tune_job(model, classifier, ref, target, within, budget, out, samples, batch
         "dtype": dtype,
         "fastsample": __version__,
     }
-    state = State(Path(str(out) + ".tune"), settings, overwrite)
-    tuner = Tuner(make_pipe, scorer, goal, seconds, state, samples, batch_size, seed, log)
-    tuner.run()
+    state_dir = Path(str(out) + ".tune")
+    existed = state_dir.exists()
+    state = State(state_dir, settings, overwrite)
+    try:
+        tuner = Tuner(make_pipe, scorer, goal, seconds, state, samples, batch_size, seed, log)
+        tuner.run()
+    except InputError:
+        if not existed and not state.points:  # refused before any measurement: no state left
+            import shutil
+
+            shutil.rmtree(state_dir, ignore_errors=True)
+        raise
     result = tuner.result()
     text = (json.dumps(result, indent=1) + "\n").encode()
     atomic_write(out, lambda f: f.write(text))

@@ -326,6 +326,9 @@ class Tuner:
             f"tune: target {self.target.describe()}; budget {self.budget_s / 60:.0f} min "
             f"({self.spent() / 60:.1f} spent); samples {self.rungs}; batch {self.batch}"
         )
+        why = self._valid(self.reference)
+        if why is not None:
+            raise InputError(f"tune: the model's reference setting cannot run here: {why}")
         if not self._try(self.reference, self.full):
             return self.log("tune: the budget ran out measuring the reference recipe")
         queue = coarse_grid(self.scale)

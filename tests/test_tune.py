@@ -140,7 +140,9 @@ def test_other_settings_in_the_state_are_refused(tiny_checkpoints, ref_npz, tmp_
     [("--budget", "20", "expected a duration"), ("--budget", "-5m", "expected a duration"),
      ("--within", "ten", "expected a share"), ("--target", "fid", "metric=value"),
      ("--target", "speed=3", "metric=value"), ("--samples", "0", "positive integer"),
-     ("--ref", "/nonexistent.npz", "no such file")],
+     ("--ref", "/nonexistent.npz", "no such file"),
+     ("--target", "accuracy=0.9", "only the judge extractor measures accuracy"),
+     ("--samples", "10", "expected at least 20")],
 )  # fmt: skip
 def test_bad_options_are_one_line(tiny_checkpoints, ref_npz, tmp_path, option, value, message):
     args = _args(tiny_checkpoints, ref_npz, tmp_path / "r.json")

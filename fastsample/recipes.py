@@ -15,6 +15,7 @@ beside a recipe win over its fields; the rest come from the recipe.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -166,7 +167,8 @@ def reference(preset_name: str | None) -> Recipe:
                   source=f"{where} own setting (the reference README's)")  # fmt: skip
 
 
-def _shipped() -> dict[str, Any]:
+@functools.cache
+def _shipped() -> dict[str, Any]:  # (read once: generate() resolves the demo's default each call)
     text = resources.files("fastsample").joinpath("recipes.json").read_text()
     return json.loads(text)["families"]
 

@@ -58,16 +58,28 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str, Any]:
+def schedule_json(
+    diffusion: Diffusion, clip_denoised: bool = True, sampling: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The respaced schedule as plain numbers: what a sampler without Python needs.
 
     Tables are float64 (JSON round-trips them exactly) and indexed by respaced step i; a sampler
     runs i = num_steps - 1 down to 0 and gives the networks t_model[i] (fractional under a
     time schedule other than "respace": the graphs take float t). guide[i] is 1 where a guided
     DDIM step applies the classifier gradient, 0 where the pipeline's stable guidance skips it
-    (alpha_bar < ~1e-6: `fastsample.guidance`), which is what fastsample-run does."""
+    (alpha_bar < ~1e-6: `fastsample.guidance`).
+
+    sampling: the run the export is made for (`sampling_settings`: a recipe's sampler and
+    guidance budget; None: guided DDIM, the gradient at every step). It is recorded as such, and
+    as the guidance plans of the two samplers fastsample-run has: `<sampler>_use[i]` (the update
+    applies a gradient) and `<sampler>_compute[i]` (the classifier is called; a used step that
+    does not call it reuses the last gradient), for ddim and ddpm."""
     from fastsample.guidance import guidance_plan
 
+    sampling = sampling_settings(**(sampling or {}))
+    budget = (sampling["guidance_interval"], sampling["guidance_every"],
+              sampling["stable_guidance"])  # fmt: skip
+    plans = {s: guidance_plan(s, diffusion, *budget) for s in ("ddim", "ddpm")}
     c = diffusion.coefficients()
     tables = {
         "t_model": diffusion.model_timesteps(),
@@ -80,15 +92,43 @@ def schedule_json(diffusion: Diffusion, clip_denoised: bool = True) -> dict[str,
         "posterior_log_variance_clipped": c.posterior_log_variance_clipped,
         "log_betas": c.log_betas,
         "fixed_large_log_variance": c.fixed_large_log_variance,
-        "guide": [1.0 if u else 0.0 for u in guidance_plan("ddim", diffusion, stable=True).use],
+        "guide": [float(u) for u in guidance_plan("ddim", diffusion, stable=True).use],
     }
+    for name, plan in plans.items():
+        tables[f"{name}_use"] = [float(u) for u in plan.use]
+        tables[f"{name}_compute"] = [float(u) for u in plan.compute]
     return {
         "diffusion": dataclasses.asdict(diffusion),
+        "sampling": sampling,
         "num_steps": diffusion.num_steps,
         "clip_denoised": clip_denoised,
         # integers (respacing), or a time schedule's fractional timesteps
         "timestep_map": c.timestep_map.tolist(),
         "tables": {k: [float(v) for v in a] for k, a in tables.items()},
+    }
+
+
+def sampling_settings(
+    sampler: str = "ddim",
+    guidance_every: int = 1,
+    guidance_interval=None,
+    stable_guidance: bool = True,
+    recipe: str | None = None,
+) -> dict[str, Any]:
+    """The run an export is made for, as schedule.json records it (checked: one error each).
+    recipe: the recipe's name when one chose these settings (Pipeline.from_export then runs
+    them by default), else None."""
+    from fastsample.guidance import check_guidance_budget
+    from fastsample.sampler import get_solver
+
+    get_solver(sampler)
+    interval, every = check_guidance_budget(guidance_interval, guidance_every)
+    return {
+        "recipe": recipe,
+        "sampler": sampler,
+        "guidance_every": every,
+        "guidance_interval": None if interval is None else list(interval),
+        "stable_guidance": bool(stable_guidance),
     }
 
 
@@ -161,6 +201,7 @@ def export(
     dtype: str = "fp32",
     max_batch: int = 64,
     guidance_scale: float | None = None,
+    sampling: dict[str, Any] | None = None,
     model_source: str | None = None,
     classifier_source: str | None = None,
     device: str | torch.device = "cpu",
@@ -171,7 +212,8 @@ def export(
 
     dtype sets the networks' torso precision in the graphs (GroupNorm statistics, softmax and
     every graph input/output stay float32). diffusion is the respaced process the schedule
-    describes. device is where AOTInductor packages and TensorRT engines will run."""
+    describes; sampling the run it is made for (see `schedule_json`). device is where
+    AOTInductor packages and TensorRT engines will run."""
     if target not in TARGETS:
         raise ExportError(f"target {target!r}: expected one of {', '.join(TARGETS)}")
     if dtype not in DTYPES:
@@ -187,6 +229,7 @@ def export(
             f"classifier of {classifier.config.image_size}x{classifier.config.image_size} images "
             f"cannot guide a {model.config.image_size}x{model.config.image_size} model"
         )
+    sampling = sampling_settings(**(sampling or {}))  # (checked before any work)
     device = torch.device(device)
     if target == "tensorrt":
         from .tensorrt import require_tensorrt
@@ -204,6 +247,7 @@ def export(
             dtype=dtype,
             max_batch=max_batch,
             guidance_scale=guidance_scale,
+            sampling=sampling,
             model_source=model_source,
             classifier_source=classifier_source,
             device=device,
@@ -227,6 +271,7 @@ def _write_graphs(
     dtype,
     max_batch,
     guidance_scale,
+    sampling,
     model_source,
     classifier_source,
     device,
@@ -292,13 +337,16 @@ def _write_graphs(
             entry["tensorrt"] = engine_info
             files[entry["file"]] = sha256_file(staging / entry["file"])
         entries[name] = entry
-    schedule = schedule_json(diffusion)
-    skipped = [t for t, g in zip(schedule["timestep_map"], schedule["tables"]["guide"],
-                                 strict=True) if not g]  # fmt: skip
-    if classifier is not None and skipped:
-        log(f"schedule.json: guided DDIM (fastsample-run) skips the classifier gradient at t = "
-            f"{', '.join(f'{t:g}' for t in skipped)}, where alpha_bar < 1e-6 would turn samples "
-            "into noise (the pipeline's stable guidance)")  # fmt: skip
+    schedule = schedule_json(diffusion, sampling=sampling)
+    if classifier is not None:
+        from fastsample.guidance import guidance_plan
+
+        budget = (sampling["guidance_interval"], sampling["guidance_every"], True)
+        skipped = guidance_plan(sampling["sampler"], diffusion, *budget).unstable
+        if skipped and sampling["stable_guidance"]:
+            log(f"schedule.json: guided {sampling['sampler']} skips the classifier gradient at "
+                f"t = {', '.join(f'{t:g}' for t in skipped)}, where alpha_bar < 1e-6 would turn "
+                "samples into noise (the pipeline's stable guidance)")  # fmt: skip
     (staging / "schedule.json").write_text(json.dumps(schedule) + "\n")
     files["schedule.json"] = sha256_file(staging / "schedule.json")
     if guidance_scale is None:

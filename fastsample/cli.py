@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from . import cli_tune
+from . import cli_export, cli_tune
 from .cliopts import (
     GUIDANCE_LINES,
     SCHEDULE_LINES,
@@ -112,8 +112,7 @@ def info_cmd(preset: str | None, flags: str | None, network: str) -> None:
     click.echo(format_summary(summarize(target)))
 
 
-_DTYPES = ["fp32", "fp16", "bf16"]
-_SCHEDULES = ["respace", "time", "logsnr", "karras"]
+_DTYPES, _SCHEDULES = cli_export.DTYPES, cli_export.SCHEDULES
 
 
 @main.command(
@@ -317,122 +316,6 @@ def eval_cmd(samples: str, ref: str | None, extractor: str) -> None:
 
 
 @main.command(
-    "export",
-    epilog="""\b
-Examples:
-  # the demo model and its classifier as ONNX graphs, then check them:
-  fastsample export --out demo-onnx && fastsample verify demo-onnx
-  # ImageNet 256 with its classifier, fp16 torso, TensorRT engines for batch 1..16:
-  fastsample export --target tensorrt --model 256x256_diffusion.pt \\
-      --classifier 256x256_classifier.pt --dtype fp16 --max-batch 16 --out adm256-trt
-  # AOTInductor packages for the native runner (fastsample-run):
-  fastsample export --target aoti --steps ddim25 --out demo-aoti
-"""
-    + SCHEDULE_LINES,
-)
-@click.option(
-    "--target",
-    type=click.Choice(["onnx", "tensorrt", "aoti"]),
-    default="onnx",
-    show_default=True,
-    help="onnx: opset-21 graphs; tensorrt: engines built from them; aoti: AOTInductor .pt2.",
-)
-@click.option(
-    "--model", help="Checkpoint file or preset name (default: the embedded demo-mnist model)."
-)
-@click.option(
-    "--classifier",
-    help="Guidance classifier (default with the demo model: its classifier; 'none': no "
-    "gradient graph).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(_DTYPES),
-    default="fp32",
-    show_default=True,
-    help="Torso precision of the graphs (GroupNorm statistics and softmax stay fp32; bf16 "
-    "graphs use ONNX opset 22, for TensorRT or CUDA).",
-)
-@click.option(
-    "--max-batch",
-    type=int,
-    default=64,
-    show_default=True,
-    help="Largest batch (TensorRT optimization profile; recorded for the others).",
-)
-@click.option(
-    "--steps",
-    help="Respacing written to schedule.json: 'ddim25' (the default), '250', ...; a step count "
-    "N (default 25) under a time schedule (--schedule).",
-)
-@click.option("--schedule", type=click.Choice(_SCHEDULES), default="respace", show_default=True,
-              help="Sampling times written to schedule.json (below).")  # fmt: skip
-@click.option("--scale", type=float, help="Guidance scale recorded as the export's default.")
-@click.option(
-    "--device",
-    default=None,
-    help="aoti: the device the packages will run on (default: cuda if present, else cpu).",
-)
-@click.option("--out", "out_dir", required=True, help="Output directory (new or empty).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing export in --out.")
-@_one_line_errors
-def export_cmd(target, model, classifier, dtype, max_batch, steps, schedule, scale, device,
-               out_dir, overwrite) -> None:  # fmt: skip
-    """Export the UNet and the classifier-guidance gradient as deployable graphs, with
-    schedule.json and manifest.json (sha256 of every file)."""
-    from . import jobs
-
-    request = jobs.ExportRequest(
-        out=out_dir,
-        target=target,
-        model=model,
-        classifier=classifier,
-        dtype=dtype,
-        max_batch=max_batch,
-        steps=steps,
-        schedule=schedule,
-        scale=scale,
-        device=device,
-        overwrite=overwrite,
-    )
-    out = jobs.export(request, log=lambda line: click.echo(line, err=True))
-    files = json.loads((out / "manifest.json").read_text())["files"]
-    click.echo(f"wrote {out}: " + ", ".join(sorted(files)) + ", manifest.json")
-
-
-@main.command("verify")
-@click.argument("directory", type=click.Path())
-@click.option("--model", help="Where the model's weights are now (default: the manifest's source).")
-@click.option("--classifier", help="Where the classifier's weights are now.")
-@click.option("--tolerance", type=float, help="Relative tolerance (default: by the export dtype).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@_one_line_errors
-def verify_cmd(directory, model, classifier, tolerance, seed) -> None:
-    """Check an export: sha256 of every file, then every graph against eager PyTorch on random
-    inputs at batch 1 and 5. Exits 1 on a hash mismatch or an error beyond tolerance."""
-    from .errors import IntegrityError
-    from .export.verify import verify
-
-    try:
-        checks = verify(
-            directory,
-            model=model,
-            classifier=classifier,
-            tolerance=tolerance,
-            seed=seed,
-            log=click.echo,
-        )
-    except IntegrityError as e:
-        click.echo(f"FAILED: {e}", err=True)
-        sys.exit(1)
-    failed = [c for c in checks if not c.ok]
-    if failed:
-        click.echo(f"FAILED: {len(failed)} of {len(checks)} checks beyond tolerance", err=True)
-        sys.exit(1)
-    click.echo(f"PASSED: {len(checks)} checks")
-
-
-@main.command(
     "doctor",
     epilog="""\b
 Examples:
@@ -498,3 +381,4 @@ if __name__ == "__main__":
     main()
 
 cli_tune.register(main, _one_line_errors)
+cli_export.register(main, _one_line_errors)

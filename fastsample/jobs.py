@@ -230,19 +230,23 @@ class ExportRequest:
     """One `fastsample export`; the fields are its options (see `fastsample export -h`).
 
     model None: the demo model with its classifier; classifier "none": no gradient graph.
+    recipe: fast | balanced | reference | a file: the run the export is made for (its steps,
+    time schedule, scale and precision, unless given here; its sampler and guidance budget are
+    recorded in schedule.json, and the export runs them by default).
     """
 
     out: str | os.PathLike
     target: Literal["onnx", "tensorrt", "aoti"] = "onnx"
     model: str | None = None
     classifier: str | None = None
-    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    dtype: Literal["fp32", "fp16", "bf16"] | None = None  # None: the recipe's, else fp32
     max_batch: int = 64
-    steps: str | None = None  # None: "ddim25", or "25" under a time schedule other than respace
+    steps: str | None = None  # None: the recipe's, else "ddim25" ("25" under a time schedule)
     scale: float | None = None
     device: str | None = None  # aoti: where the packages will run
     overwrite: bool = False
-    schedule: TimeSchedule = "respace"
+    schedule: TimeSchedule | None = None  # None: the recipe's, else "respace"
+    recipe: str | None = None
 
 
 def export(request: ExportRequest, *, log: Callable[[str], None] = print) -> Path:
@@ -266,23 +270,57 @@ def export(request: ExportRequest, *, log: Callable[[str], None] = print) -> Pat
         require_tensorrt()  # refuse before loading anything
     # Traced from the fp32 reference networks on the CPU; the graphs' dtype is the export's.
     pipe = Pipeline.from_pretrained(model, classifier, device="cpu", dtype=torch.float32)
-    clf = pipe.classifier
-    steps = r.steps if r.steps is not None else "ddim25" if r.schedule == "respace" else "25"
+    diffusion, settings = _export_settings(r, pipe)
     return export_graphs(
         pipe.model,
-        pipe.diffusion.respaced(steps, time_schedule=r.schedule),
+        diffusion,
         r.out,
-        classifier=clf,
+        classifier=pipe.classifier,
         target=r.target,
-        dtype=r.dtype,
+        dtype=settings["dtype"],
         max_batch=r.max_batch,
-        guidance_scale=r.scale,
+        guidance_scale=settings["scale"],
+        sampling=settings["sampling"],
         model_source=source_name(model),
-        classifier_source=source_name(classifier) if clf is not None else None,
+        classifier_source=source_name(classifier) if pipe.classifier is not None else None,
         device=str(device) if r.target == "aoti" else "cpu",
         overwrite=r.overwrite,
         log=log,
     )
+
+
+def _export_settings(r: ExportRequest, pipe) -> tuple:
+    """The export's respaced diffusion, and its dtype, scale and sampling (see ExportRequest):
+    the options given, then the recipe's fields, then the defaults."""
+    from . import recipes
+    from .request import default_sampler
+
+    if r.recipe is None:
+        schedule = r.schedule or "respace"
+        steps = r.steps if r.steps is not None else "ddim25" if schedule == "respace" else "25"
+        diffusion = pipe.diffusion.respaced(steps, time_schedule=schedule)
+        return diffusion, {"dtype": r.dtype or "fp32", "scale": r.scale, "sampling": None}
+    rec = recipes.load(r.recipe, pipe.preset)
+    if rec.cache_interval != 1:
+        raise InputError(
+            f"recipe {rec.name!r} caches features (cache_interval {rec.cache_interval}), which "
+            "exported graphs do not run: export it without caching (a recipe file with "
+            "cache_interval 1)"
+        )
+    # (the reference recipe's None fields: the pipeline's own respacing and sampler)
+    steps = r.steps if r.steps is not None else rec.steps
+    schedule = r.schedule or rec.schedule
+    diffusion = pipe.diffusion.respaced(steps, time_schedule=schedule)
+    sampling = {
+        "recipe": rec.name,
+        "sampler": rec.sampler or default_sampler(pipe.preset, steps, diffusion),
+        "guidance_every": rec.guidance_every,
+        "guidance_interval": rec.guidance_interval,
+        "stable_guidance": rec.stable_guidance,
+    }  # fmt: skip
+    scale = r.scale if r.scale is not None else rec.guidance_scale
+    return diffusion, {"dtype": r.dtype or rec.dtype or "fp32", "scale": scale,
+                       "sampling": sampling}  # fmt: skip
 
 
 # -- helpers -----------------------------------------------------------------------------------

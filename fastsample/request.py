@@ -83,10 +83,14 @@ def knobs(pipe, recipe, **given) -> tuple[dict[str, Any], Any]:
     from . import recipes
 
     implicit = False
-    if recipe is None and all(v is None for v in given.values()) and pipe.runtime == "eager":
-        recipe = recipes.default_for(pipe.preset)
-        implicit = recipe != "reference"
-        recipe = recipe if implicit else None
+    if recipe is None and all(v is None for v in given.values()):
+        if pipe.runtime == "eager":
+            recipe = recipes.default_for(pipe.preset)
+            implicit = recipe != "reference"
+            recipe = recipe if implicit else None
+        else:
+            recipe = export_recipe(pipe)  # (an export made for a recipe runs it by default)
+            implicit = recipe is not None
     rec = None
     if recipe is None:
         out = dict(given)
@@ -100,8 +104,47 @@ def knobs(pipe, recipe, **given) -> tuple[dict[str, Any], Any]:
     return {k: defaults[k] if v is None and k in defaults else v for k, v in out.items()}, rec
 
 
+def default_sampler(preset_name: str | None, steps, diffusion) -> str:
+    """The sampler where none is named: the preset's own (README) setting where the steps are
+    its own too, else ddim for a "ddimN" respacing and ddpm for the rest."""
+    preset = PRESETS.get(preset_name or "")
+    if steps is None and preset is not None:
+        return preset.sampler
+    return "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
+
+
+def export_recipe(pipe):
+    """The recipe an export directory was made for (`fastsample export --recipe`), as its
+    schedule.json records it: its sampler and guidance budget on the export's own steps and
+    scale; None for an export made without one, and for networks that are not an export."""
+    from .recipes import Recipe
+
+    graphs = getattr(pipe, "graphs", None)
+    schedule = getattr(graphs, "schedule", None)
+    if pipe.model is not None or not isinstance(schedule, dict):
+        return None
+    s = schedule.get("sampling") or {}
+    if not s.get("recipe"):
+        return None
+    interval = s["guidance_interval"]
+    return Recipe(s["sampler"], None, schedule=None,
+                  guidance_interval=None if interval is None else tuple(interval),
+                  guidance_every=s["guidance_every"], stable_guidance=s["stable_guidance"],
+                  name=s["recipe"], source="recorded by the export")  # fmt: skip
+
+
 def _check_recipe_dtype(pipe, rec) -> None:
-    if rec.dtype is None or pipe.model is None:
+    if rec.dtype is None:
+        return
+    if pipe.model is None:  # an export: its graphs' precision was fixed when it was made
+        dtype = getattr(pipe.graphs, "manifest", {}).get("dtype", "fp32")
+        if dtype != rec.dtype:
+            warnings.warn(
+                f"recipe {rec.name!r} runs the networks in {rec.dtype}; this export's graphs are "
+                f"{dtype}, and the export's precision applies (export with --dtype {rec.dtype} "
+                "for the recipe's)",
+                stacklevel=2,  # (one place: shown once for check() and generate())
+            )
         return
     import torch
 
@@ -139,11 +182,7 @@ def resolve(pipe, num_samples, batch_size, classes, seed, low_res, first_index, 
         raise InputError(f"first_index={first_index!r}: expected a non-negative integer")
     diffusion = pipe.diffusion.respaced(steps, time_schedule=schedule)  # (None: as is)
     if sampler is None:
-        preset = PRESETS.get(pipe.preset or "")
-        if steps is None and preset is not None:
-            sampler = preset.sampler  # the preset's own (README) setting
-        else:
-            sampler = "ddim" if diffusion.timestep_respacing.startswith("ddim") else "ddpm"
+        sampler = default_sampler(pipe.preset, steps, diffusion)
     scale = pipe.guidance_scale if guidance_scale is None else float(guidance_scale)
     if scale != 0 and pipe.classifier_config is None:
         raise InputError(f"guidance_scale={scale} needs a classifier")

@@ -8,7 +8,11 @@ The export's schedule.json marks where guided steps skip the gradient (stable gu
 default "10" steps start at t = 999, where it does, so the runner is checked to follow it (a
 run that guided there anyway would differ by far more than rounding). Then the seeded path:
 fastsample-run's per-sample seeds and drawn labels against numpy's, and `--seed S` at two batch
-sizes against the Python sampler seeded sample_seed(S, i) per sample.
+sizes against the Python sampler seeded sample_seed(S, i) per sample. Last, the demo's `fast`
+recipe (`fastsample export --recipe fast`: 12 ancestral steps, the classifier's gradient computed
+at every 3rd step and reused in between, bf16 graphs): fastsample-run's default run of that
+export against the Python sampler on the same packages (per-sample seeds, drawn labels), the
+export's own default run in Python (Pipeline.from_export), and eager PyTorch in bf16.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ TOL_SAME_GRAPHS = 1e-5
 # multiplies eps's differences by 1 / sqrt(abar) = 2e4 (measured 5.2e-4 of scale; the engine's
 # tests allow 5e-4 there for the same reason). Native vs Python on the same graphs stays exact.
 TOL_EAGER = 1e-3
+# The fast recipe's bf16 graphs against eager bf16 modules: both round every conv and matmul
+# to bf16 (8 bits of mantissa), each in its own order: one UNet call differs by ~5e-3 of scale
+# (measured 6.4e-3; eager bf16 vs fp32: 4.9e-3). Through 12 ancestral steps the mean error stays
+# at that level, but the chain amplifies it at a few pixels (digit edges, the clip at +-1):
+# eager bf16 against eager fp32 differs by up to 0.24 there. So the mean absolute error is
+# held to a few bf16 roundings, and the max is printed.
+TOL_EAGER_BF16_MEAN = 1e-2
 
 
 def main() -> int:
@@ -119,6 +130,7 @@ def main() -> int:
     )
     seeds_ok = check_seeds(args.runner)
     seeded_match_ok = check_seeded_runs(args, out, diffusion, graphs, work)
+    fast_ok = check_fast_recipe(args, work)
     # --seed draws its own noise: deterministic, well-formed images.
     seeded = []
     for name in ("seed_a.npy", "seed_b.npy"):
@@ -178,6 +190,16 @@ def main() -> int:
             [str(work), "--seed", "1", "--batch", "1", "--out", str(work / "bad.npy")],
             "manifest.json",
         ),
+        (
+            [str(out), "--seed", "1", "--batch", "1", "--sampler", "euler", "--out",
+             str(work / "bad.npy")],
+            "--sampler euler: expected ddim or ddpm",
+        ),  # fmt: skip
+        (
+            [str(out), "--seed", "1", "--batch", "1", "--sampler", "ddpm", "--eta", "0.5",
+             "--out", str(work / "bad.npy")],
+            "--eta is DDIM's",
+        ),  # fmt: skip
     ]
     errors_ok = True
     for argv, needle in bad_cases:
@@ -193,7 +215,8 @@ def main() -> int:
         errors_ok &= good
     print(f"bad input: {'one-line errors' if errors_ok else 'FAILED'}")
     ok = (
-        seeded_ok
+        fast_ok
+        and seeded_ok
         and seeds_ok
         and seeded_match_ok
         and errors_ok
@@ -291,6 +314,74 @@ def check_seeded_runs(args, out: Path, diffusion, graphs, work: Path) -> bool:
         f"{' (bit for bit equal)' if torch.equal(raw[2], raw[3]) else ''}"
     )
     return ok and across <= TOL_SAME_GRAPHS
+
+
+def check_fast_recipe(args, work: Path) -> bool:
+    """The demo's fast recipe exported (ancestral steps, classifier every 3rd step, bf16), run
+    by fastsample-run with its defaults, against the Python sampler on the same packages, the
+    export's default run in Python, and eager bf16 PyTorch (same seeds and drawn labels)."""
+    from fastsample import Pipeline, jobs, recipes, sample
+    from fastsample.catalog import DEMO_UNET, PRESETS
+    from fastsample.export import load
+    from fastsample.sampling import sample_seed
+
+    rec = recipes.load("fast", DEMO_UNET)
+    out = jobs.export(jobs.ExportRequest(work / "fast", target="aoti", recipe="fast",
+                                         device="cpu"), log=print)  # fmt: skip
+    seed, num, b = 11, 5, 3
+    cmd = [args.runner, str(out), "--seed", str(seed), "--batch", str(b), "--num-samples",
+           str(num), "--out", str(work / "fast.npy"), "--raw",
+           str(work / "fast_raw.npy")]  # fmt: skip
+    print(" ".join(cmd))
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    print(run.stdout + run.stderr, end="")
+    if run.returncode != 0:
+        return False
+    native = torch.from_numpy(np.load(work / "fast_raw.npy"))
+    images = np.load(work / "fast.npy")
+    graphs = load(out, runtime="aoti")
+    labels = [
+        int(np.random.default_rng(sample_seed(seed, i, stream=1)).integers(10)) for i in range(num)
+    ]
+    knobs = dict(sampler=rec.sampler, guidance_scale=rec.guidance_scale,
+                 guidance_every=rec.guidance_every, stable_guidance=True)  # fmt: skip
+    python = torch.cat([
+        sample(graphs, graphs.diffusion, (len(idx), 1, 32, 32), runtime="aoti",
+               y=torch.tensor(labels[idx.start : idx.stop]),
+               seed=[sample_seed(seed, i) for i in idx], **knobs)
+        for idx in (range(s, min(s + b, num)) for s in range(0, num, b))
+    ])  # fmt: skip
+    default = Pipeline.from_export(out, runtime="aoti").generate(num, batch_size=b, seed=seed,
+                                                                 progress=False)  # fmt: skip
+    eager_pipe = Pipeline.from_pretrained(DEMO_UNET, PRESETS[DEMO_UNET].classifier,
+                                          dtype=torch.bfloat16)  # fmt: skip
+    eager = torch.cat([
+        sample(eager_pipe.model, graphs.diffusion, (len(idx), 1, 32, 32),
+               classifier=eager_pipe.classifier, y=torch.tensor(labels[idx.start : idx.stop]),
+               seed=[sample_seed(seed, i) for i in idx], **knobs)
+        for idx in (range(s, min(s + b, num)) for s in range(0, num, b))
+    ])  # fmt: skip
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    err_python, err_eager = rel(native, python), rel(native, eager)
+    mean_eager = (native - eager).abs().mean().item()
+    same_default = np.array_equal(images, default.images) and default.labels.tolist() == labels
+    schedule = graphs.schedule
+    print(f"fast recipe ({rec.describe()}): export records sampler "
+          f"{schedule['sampling']['sampler']}, classifier every "
+          f"{schedule['sampling']['guidance_every']}")  # fmt: skip
+    equal = " (bit for bit equal)" if torch.equal(native, python) else ""
+    print(f"fast recipe, native vs Python sampler (same bf16 graphs): max error "
+          f"{err_python:.3e} of scale{equal}")  # fmt: skip
+    print(f"fast recipe, native vs eager bf16 PyTorch: mean absolute error {mean_eager:.3e} "
+          f"(tolerance {TOL_EAGER_BF16_MEAN:g}), max {err_eager:.3e} of scale")  # fmt: skip
+    print(f"fast recipe, native images vs the export's default run in Python: "
+          f"{'identical' if same_default else 'DIFFERENT'}")  # fmt: skip
+    expect = f"{graphs.diffusion.num_steps} DDPM steps"
+    return (expect in run.stdout and same_default and err_python <= TOL_SAME_GRAPHS
+            and mean_eager <= TOL_EAGER_BF16_MEAN and native.shape == (num, 1, 32, 32))  # fmt: skip
 
 
 if __name__ == "__main__":

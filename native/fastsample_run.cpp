@@ -1,17 +1,23 @@
-// fastsample-run: classifier-guided DDIM sampling from a `fastsample export --target aoti`
-// directory, without Python.
+// fastsample-run: classifier-guided sampling from a `fastsample export --target aoti`
+// directory, without Python: DDIM or ancestral (DDPM) steps.
 //
-//   fastsample-run EXPORT_DIR --out images.npy
+//   fastsample-run EXPORT_DIR --out images.npy [--sampler ddim|ddpm]
 //                  [--noise noise.npy | --seed S --batch B [--num-samples N] [--first-index F]]
 //                  [--labels 1,2,3 | --labels-npy y.npy] [--scale S] [--eta E] [--raw x.npy]
 //   fastsample-run --print-seeds K --seed S --num-samples N [--first-index F]
 //
-// The loop is the one fastsample's Python DDIM sampler runs (Song et al. eq. 12; guidance as in
-// Dhariwal & Nichol's Algorithm 2): the same float32 tables, gathered from schedule.json's
-// float64 values, and the same operation order, so that given the same noise the two agree to
-// the graphs' rounding. Guidance is applied at the steps schedule.json's "guide" table marks
-// (the pipeline's stable guidance: not where alpha_bar < ~1e-6; every step in exports that
-// predate the table). images.npy holds [B, H, W, C] uint8 (truncated like the reference);
+// The loop is the one fastsample's Python sampler runs: DDIM (Song et al. eq. 12; guidance as
+// in Dhariwal & Nichol's Algorithm 2) or the ancestral step with the learned variance (Nichol &
+// Dhariwal eq. 15; guidance shifts the mean, Algorithm 1), with the same float32 tables,
+// gathered from schedule.json's float64 values, and the same operation order, so that given
+// the same noise the two agree to the graphs' rounding. The sampler is the export's (its
+// recipe's: `fastsample export --recipe`; DDIM for exports made without one) unless --sampler
+// names the other. The classifier is called and its gradient applied where schedule.json's
+// plan tables for the sampler say (`<sampler>_compute`, `<sampler>_use`): the recipe's
+// guidance budget (every k-th step, reusing the last gradient in between; an interval of
+// timesteps) and the pipeline's stable guidance (DDIM skips the gradient where
+// alpha_bar < ~1e-6). Exports that predate the plan tables: DDIM follows their "guide" table,
+// DDPM guides every step. images.npy holds [B, H, W, C] uint8 (truncated like the reference);
 // --raw also writes the float32 samples [B, C, H, W].
 //
 // --seed S draws as `fastsample sample --seed S` does on the same device: sample i (counted from
@@ -44,7 +50,7 @@ namespace fs = fastsample;
 namespace {
 
 struct Args {
-  std::string dir, out, noise, raw, labels, labels_npy;
+  std::string dir, out, noise, raw, labels, labels_npy, sampler;
   bool seeded = false;
   uint64_t seed = 0;
   int64_t batch = 0, num_samples = 0, first_index = 0, print_seeds = 0;
@@ -90,6 +96,7 @@ Args parse_args(int argc, char** argv) {
       return u;
     };
     if (k == "--out") a.out = next();
+    else if (k == "--sampler") a.sampler = next();
     else if (k == "--noise") a.noise = next();
     else if (k == "--raw") a.raw = next();
     else if (k == "--labels") a.labels = next();
@@ -102,7 +109,8 @@ Args parse_args(int argc, char** argv) {
     else if (k == "--scale") a.scale = number();
     else if (k == "--eta") a.eta = number();
     else if (k == "-h" || k == "--help") {
-      std::cout << "usage: fastsample-run EXPORT_DIR --out images.npy [--noise noise.npy | "
+      std::cout << "usage: fastsample-run EXPORT_DIR --out images.npy [--sampler ddim|ddpm] "
+                   "[--noise noise.npy | "
                    "--seed S --batch B [--num-samples N] [--first-index F]] [--labels 1,2,3 | "
                    "--labels-npy y.npy] [--scale S] [--eta E] [--raw samples.npy]\n"
                    "       fastsample-run --print-seeds K --seed S --num-samples N [--first-index F]\n";
@@ -124,6 +132,8 @@ Args parse_args(int argc, char** argv) {
   if (!a.seeded && (a.num_samples > 0 || a.first_index > 0))
     usage_error("--num-samples and --first-index go with --seed");
   if (a.eta < 0) usage_error("--eta " + std::to_string(a.eta) + ": expected >= 0");
+  if (!a.sampler.empty() && a.sampler != "ddim" && a.sampler != "ddpm")
+    usage_error("--sampler " + a.sampler + ": expected ddim or ddpm");
   return a;
 }
 
@@ -190,6 +200,17 @@ int run(const Args& a) {
   const bool clip = schedule.at("clip_denoised").as_bool();
   const auto& tables = schedule.at("tables");
   const int64_t n = static_cast<int64_t>(schedule.at("num_steps").as_number());
+  // The sampler: --sampler, else the one the export was made for (DDIM before exports said).
+  std::string sampler = a.sampler;
+  if (sampler.empty()) {
+    sampler = "ddim";
+    if (schedule.has("sampling")) sampler = schedule.at("sampling").at("sampler").as_string();
+    if (sampler != "ddim" && sampler != "ddpm")
+      usage_error(a.dir + " was exported for sampler " + sampler +
+                  "; fastsample-run runs ddim or ddpm (pass --sampler)");
+  }
+  const bool ddpm = sampler == "ddpm";
+  if (ddpm && a.eta != 0.0) usage_error("--eta is DDIM's; the ancestral (ddpm) step has none");
 
   const auto& graphs = manifest.at("graphs");
   Graph unet = load_graph(a.dir, graphs.at("unet"));
@@ -215,7 +236,7 @@ int run(const Args& a) {
         noise.size(2) != C || noise.size(3) != H || noise.size(4) != W)
       usage_error(a.noise + ": expected float32 noise of shape [steps + 1 or 1, B, " + std::to_string(C) +
                   ", " + std::to_string(H) + ", " + std::to_string(W) + "]");
-    if (noise.size(0) != n + 1 && !(noise.size(0) == 1 && a.eta == 0.0))
+    if (noise.size(0) != n + 1 && !(noise.size(0) == 1 && a.eta == 0.0 && !ddpm))
       usage_error(a.noise + ": expected " + std::to_string(n + 1) + " draws (x_T and one per step)");
     B = N = noise.size(1);
     noise = noise.to(device);
@@ -276,15 +297,34 @@ int run(const Args& a) {
   torch::Tensor sigma = a.eta * torch::sqrt((1 - ac_prev) / (1 - ac)) * torch::sqrt(1 - ac / ac_prev);
   torch::Tensor sqrt_ac_prev = torch::sqrt(ac_prev);
   torch::Tensor dir_coef = torch::sqrt((1 - ac_prev - sigma.pow(2)).clamp_min(0));
-  std::vector<double> guide(n, 1.0);  // where a guided step applies the gradient
-  if (tables.has("guide")) guide = tables.at("guide").as_numbers();
-  if (static_cast<int64_t>(guide.size()) != n)
-    usage_error("schedule.json: a guide table of " + std::to_string(guide.size()) + " steps for " +
+  // The guidance plan: where the classifier is called (compute) and where a gradient is
+  // applied (use; a used step that does not compute reuses the last one).
+  std::vector<double> use(n, 1.0), compute(n, 1.0);
+  if (tables.has(sampler + "_use")) {
+    use = tables.at(sampler + "_use").as_numbers();
+    compute = tables.at(sampler + "_compute").as_numbers();
+  } else if (!ddpm && tables.has("guide")) {
+    use = compute = tables.at("guide").as_numbers();
+  }
+  if (static_cast<int64_t>(use.size()) != n || static_cast<int64_t>(compute.size()) != n)
+    usage_error("schedule.json: a guidance plan of " + std::to_string(use.size()) + " steps for " +
                 std::to_string(n) + " steps");
+  int64_t classifier_calls = 0;
+  for (double c : compute) classifier_calls += c != 0.0;
+  // DDPM: the posterior's mean coefficients and log variances (fastsample.sampler.ddpm_tables).
+  torch::Tensor coef1, coef2, min_log, max_log, fixed_log_var;
+  if (ddpm) {
+    coef1 = f32("posterior_mean_coef1");
+    coef2 = f32("posterior_mean_coef2");
+    min_log = f32("posterior_log_variance_clipped");
+    max_log = f32("log_betas");
+    fixed_log_var = f32("fixed_large_log_variance");
+  }
 
   // One batch: draw(k) is x_T for k = 0, else step k's fresh noise [b, C, H, W].
-  auto ddim = [&](const std::function<torch::Tensor(int64_t)>& draw, const torch::Tensor& y_b) {
+  auto run_batch = [&](const std::function<torch::Tensor(int64_t)>& draw, const torch::Tensor& y_b) {
     torch::Tensor x = draw(0);
+    torch::Tensor g;  // the last gradient computed (scaled)
     const int64_t b = x.size(0);
     for (int64_t k = 1; k <= n; ++k) {
       const int64_t i = n - k;
@@ -295,11 +335,27 @@ int run(const Args& a) {
         else usage_error("the UNet graph takes '" + unet.inputs[j] + "': fastsample-run samples base models only");
       }
       torch::Tensor out = unet(args);
+      if (guided && compute[i] != 0.0) g = grad({x, t, y_b}) * scale;
+      const bool apply = guided && use[i] != 0.0 && g.defined();
       torch::Tensor eps_out = learn_sigma ? out.narrow(1, 0, C) : out;
       torch::Tensor x0 = predict_xstart ? eps_out : sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps_out;
       if (clip) x0 = x0.clamp(-1, 1);
-      if (guided && guide[i] != 0.0) {
-        torch::Tensor g = grad({x, t, y_b}) * scale;
+      if (ddpm) {
+        torch::Tensor log_var;
+        if (learn_sigma) {
+          torch::Tensor frac = (out.narrow(1, C, C) + 1) / 2;
+          log_var = frac * max_log[i] + (1 - frac) * min_log[i];
+        } else {
+          log_var = fixed_log_var[i].expand_as(x);
+        }
+        torch::Tensor mean = coef1[i] * x0 + coef2[i] * x;
+        if (apply) mean = mean + torch::exp(log_var) * g;
+        // Ancestral sampling draws at every step (the last one's noise goes unused).
+        torch::Tensor z = draw(k);
+        x = i > 0 ? mean + torch::exp(0.5 * log_var) * z : mean;
+        continue;
+      }
+      if (apply) {
         torch::Tensor eps = (sqrt_recip_ac[i] * x - x0) / sqrt_recipm1_ac[i] - sqrt_one_minus_ac[i] * g;
         x0 = sqrt_recip_ac[i] * x - sqrt_recipm1_ac[i] * eps;
       }
@@ -320,14 +376,14 @@ int run(const Args& a) {
     const int64_t b = std::min(B, N - start);
     torch::Tensor y_b = needs_y ? y.narrow(0, start, b) : torch::Tensor();
     if (!a.noise.empty()) {
-      batches.push_back(ddim([&](int64_t k) { return noise[k]; }, y_b));
+      batches.push_back(run_batch([&](int64_t k) { return noise[k]; }, y_b));
       continue;
     }
     std::vector<at::Generator> gens;
     for (int64_t j = 0; j < b; ++j)
       gens.push_back(new_generator(device, fs::seeds::sample_seed(a.seed, static_cast<uint64_t>(a.first_index + start + j))));
     const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device);
-    batches.push_back(ddim(
+    batches.push_back(run_batch(
         [&](int64_t) {
           std::vector<torch::Tensor> draws;
           for (auto& g : gens) draws.push_back(torch::randn({C, H, W}, g, options));
@@ -339,8 +395,10 @@ int run(const Args& a) {
   torch::Tensor images = ((x + 1) * 127.5).clamp(0, 255).to(torch::kUInt8).permute({0, 2, 3, 1}).contiguous();
   fs::npy::write(a.out, images);
   if (!a.raw.empty()) fs::npy::write(a.raw, x.to(torch::kCPU));
-  std::cout << "wrote " << N << " images to " << a.out << " (" << n << " DDIM steps"
-            << (guided ? ", guidance scale " + std::to_string(scale) : std::string()) << ")\n";
+  std::ostringstream how;
+  how << n << (ddpm ? " DDPM" : " DDIM") << " steps";
+  if (guided) how << ", guidance scale " << scale << ", classifier at " << classifier_calls << " of them";
+  std::cout << "wrote " << N << " images to " << a.out << " (" << how.str() << ")\n";
   return 0;
 }
 

@@ -43,4 +43,5 @@ class AotiGraph:
             t.to(self.device, torch.int64 if dtype == "int64" else torch.float32).contiguous()
             for (_, dtype, _), t in zip(self.io.inputs, inputs, strict=True)
         ]
-        return self.runner(*args)
+        out = self.runner(*args)
+        return tuple(out) if len(self.io.outputs) > 1 else out

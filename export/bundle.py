@@ -7,6 +7,8 @@ and a manifest that pins every file by sha256.
     DIR/classifier_grad.onnx   (x, t, y) -> grad_x log p(y | x_t), unscaled   (with a classifier)
     DIR/*.engine               TensorRT engines of the same graphs            --target tensorrt
     DIR/*.pt2                  AOTInductor packages of the same functions     --target aoti
+    DIR/unet_split.*, DIR/unet_shallow.*   the UNet split at a skip depth, for feature caching
+                               (an export made for a recipe that caches; onnx and aoti)
 
 A directory is written under a temporary name beside DIR and renamed into place when complete:
 an interrupted export leaves no partial DIR, and an existing DIR is replaced only on request.
@@ -35,16 +37,16 @@ from fastsample.image_io import file_sha256 as sha256_file
 from fastsample.schedule import Diffusion
 from fastsample.unet import Classifier, UNet
 
-from .graphs import GraphIO, classifier_grad_graph, classifier_io, unet_graph
+from .graphs import GraphIO, classifier_grad_graph, classifier_io, unet_cache_graphs, unet_graph
 
 FORMAT = "fastsample-export"
 FORMAT_VERSION = 1
 TARGETS = ("onnx", "tensorrt", "aoti")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GRAPH_NAMES = ("unet", "classifier_grad", "unet_split", "unet_shallow")
 GRAPH_FILES = {
-    "onnx": {"unet": "unet.onnx", "classifier_grad": "classifier_grad.onnx"},
-    "aoti": {"unet": "unet.pt2", "classifier_grad": "classifier_grad.pt2"},
-    "tensorrt": {"unet": "unet.engine", "classifier_grad": "classifier_grad.engine"},
+    target: {name: f"{name}.{suffix}" for name in GRAPH_NAMES}
+    for target, suffix in (("onnx", "onnx"), ("aoti", "pt2"), ("tensorrt", "engine"))
 }
 
 
@@ -114,21 +116,34 @@ def sampling_settings(
     guidance_interval=None,
     stable_guidance: bool = True,
     recipe: str | None = None,
+    cache_interval: int = 1,
+    cache_depth: int | None = None,
 ) -> dict[str, Any]:
     """The run an export is made for, as schedule.json records it (checked: one error each).
     recipe: the recipe's name when one chose these settings (Pipeline.from_export then runs
-    them by default), else None."""
+    them by default), else None. cache_depth: the skip depth of the feature-caching graphs
+    the export holds (None: none), cache_interval: the recipe's (`fastsample.featcache`)."""
+    from fastsample.featcache import check_interval
     from fastsample.guidance import check_guidance_budget
     from fastsample.sampler import get_solver
 
     get_solver(sampler)
     interval, every = check_guidance_budget(guidance_interval, guidance_every)
+    cache_interval = check_interval(cache_interval)
+    if cache_depth is not None and (
+        isinstance(cache_depth, bool) or not isinstance(cache_depth, int) or cache_depth < 1
+    ):
+        raise ExportError(f"cache_depth={cache_depth!r}: expected a positive integer or None")
+    if cache_interval != 1 and cache_depth is None:
+        raise ExportError(f"cache_interval={cache_interval} needs a cache_depth to export at")
     return {
         "recipe": recipe,
         "sampler": sampler,
         "guidance_every": every,
         "guidance_interval": None if interval is None else list(interval),
         "stable_guidance": bool(stable_guidance),
+        "cache_interval": cache_interval,
+        "cache_depth": cache_depth,
     }
 
 
@@ -230,6 +245,11 @@ def export(
             f"cannot guide a {model.config.image_size}x{model.config.image_size} model"
         )
     sampling = sampling_settings(**(sampling or {}))  # (checked before any work)
+    if sampling["cache_depth"] is not None:
+        if target == "tensorrt":
+            raise ExportError("feature-caching graphs (cache_depth) are exported for the onnx "
+                              "and aoti targets, not tensorrt")  # fmt: skip
+        model.check_depth(sampling["cache_depth"])
     device = torch.device(device)
     if target == "tensorrt":
         from .tensorrt import require_tensorrt
@@ -288,9 +308,12 @@ def _write_graphs(
     # Exported graphs use the plain-torch ops (no Triton kernels inside ONNX or AOTI graphs).
     model = copy.deepcopy(model).to(trace_device).set_precision(torch_dtype).set_kernels("torch")
     net = unet_graph(model)
-    graphs: dict[str, tuple[torch.nn.Module, GraphIO, int]] = {
-        "unet": (net, net.io(), model.config.num_classes or 1)
-    }
+    classes = model.config.num_classes or 1
+    graphs: dict[str, tuple[torch.nn.Module, GraphIO, int]] = {"unet": (net, net.io(), classes)}
+    if sampling["cache_depth"] is not None:
+        split, shallow = unet_cache_graphs(model, sampling["cache_depth"])
+        graphs["unet_split"] = (split, split.io(), classes)
+        graphs["unet_shallow"] = (shallow, shallow.io(), classes)
     if classifier is not None:
         classifier = (
             copy.deepcopy(classifier)

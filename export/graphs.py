@@ -138,6 +138,81 @@ def unet_graph(model: UNet, low_res_size: int | None = None) -> UNetGraph:
     return cls(model.eval(), low_res_size)
 
 
+# -- feature caching (fastsample.featcache): the UNet split at a skip depth -------------------
+
+
+class _CacheGraph(UNetGraph):
+    """Base of the two halves of a cached UNet call at skip `depth`. The deep feature travels
+    between them as float32 (every graph input and output is): the torso's fp16/bf16 values
+    round-trip through float32 exactly."""
+
+    def __init__(self, model: UNet, depth: int, low_res_size: int | None = None):
+        super().__init__(model, low_res_size)
+        self.depth = model.check_depth(depth)
+        self.feature_shape = feature_shape(model, depth, self.low_res_size)
+
+    def _inputs(self, rest) -> dict:
+        """The optional inputs by name (low_res, y, feature: those this graph takes)."""
+        names = [name for name, _, _ in self.io().inputs[2:]]
+        return dict(zip(names, rest, strict=True))
+
+    def _feature_io(self):
+        return ("feature", "float32", (None, *self.feature_shape))
+
+
+class UNetSplitGraph(_CacheGraph):
+    """(x_t, t[, low_res][, y]) -> (output, the deep feature): a full call that keeps the
+    feature (`UNet.forward_split`)."""
+
+    def io(self) -> GraphIO:
+        base = super().io()
+        return GraphIO(base.inputs, (*base.outputs, self._feature_io()))
+
+    def forward(self, x, t, a=None, b=None):
+        given = self._inputs([v for v in (a, b) if v is not None])
+        if self.super_res:
+            given.setdefault("low_res", None)
+        out, feature = self.model.forward_split(x, t, **given, depth=self.depth)
+        return out, feature.float()
+
+
+class UNetShallowGraph(_CacheGraph):
+    """(x_t, t[, low_res][, y], feature) -> output: the shallow blocks around a cached deep
+    feature (`UNet.forward_shallow`)."""
+
+    def io(self) -> GraphIO:
+        base = super().io()
+        return GraphIO((*base.inputs, self._feature_io()), base.outputs)
+
+    def forward(self, x, t, a=None, b=None, c=None):
+        given = self._inputs([v for v in (a, b, c) if v is not None])
+        feature = given.pop("feature").to(self.model.dtype)
+        return self.model.forward_shallow(x, t, **given, feature=feature, depth=self.depth)
+
+
+def feature_shape(model: UNet, depth: int, low_res_size: int | None = None) -> tuple[int, ...]:
+    """The deep feature's [C, H, W] at skip `depth` (from a batch of one on the meta device)."""
+    from fastsample.unet import network_class
+
+    cfg = model.config
+    with torch.device("meta"):
+        probe = network_class(cfg)(cfg).set_precision(torch.float32)
+        size, channels = cfg.image_size, cfg.in_channels
+        x, t = torch.zeros(1, channels, size, size), torch.zeros(1)
+        kwargs = {"y": torch.zeros(1, dtype=torch.long)} if cfg.num_classes is not None else {}
+        if isinstance(model, SuperResUNet):
+            low = low_res_size or size // 4
+            kwargs["low_res"] = torch.zeros(1, channels, low, low)
+        _, feature = probe.forward_split(x, t, **kwargs, depth=depth)
+    return tuple(feature.shape[1:])
+
+
+def unet_cache_graphs(model: UNet, depth: int, low_res_size: int | None = None):
+    """The exportable split and shallow modules of a diffusion network at skip `depth`."""
+    model = model.eval()
+    return UNetSplitGraph(model, depth, low_res_size), UNetShallowGraph(model, depth, low_res_size)
+
+
 # -- the guidance gradient ---------------------------------------------------------------------
 
 

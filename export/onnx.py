@@ -100,7 +100,8 @@ def choose_providers(available: list[str] | None = None, device: str | None = No
 
 class OrtGraph:
     """One ONNX graph on an ONNX Runtime session; called with torch tensors, it binds their
-    memory as the inputs and a fresh torch tensor as the output (no copies through numpy)."""
+    memory as the inputs and fresh torch tensors as the outputs (no copies through numpy); one
+    output is returned as a tensor, several as a tuple."""
 
     def __init__(
         self,
@@ -151,23 +152,25 @@ class OrtGraph:
                 tuple(tensor.shape),
                 tensor.data_ptr(),
             )
-        ((name, dtype, shape),) = self.io.outputs
-        out = torch.empty(
-            [batch if s is None else s for s in shape],
-            dtype=self._out_dtype[dtype],
-            device=self.device,
-        )
-        binding.bind_output(
-            name,
-            self.device.type,
-            self.device.index or 0,
-            _NUMPY_DTYPES[dtype],
-            tuple(out.shape),
-            out.data_ptr(),
-        )
+        outs = []
+        for name, dtype, shape in self.io.outputs:
+            out = torch.empty(
+                [batch if s is None else s for s in shape],
+                dtype=self._out_dtype[dtype],
+                device=self.device,
+            )
+            binding.bind_output(
+                name,
+                self.device.type,
+                self.device.index or 0,
+                _NUMPY_DTYPES[dtype],
+                tuple(out.shape),
+                out.data_ptr(),
+            )
+            outs.append(out)
         if self.device.type == "cuda":
             binding.synchronize_inputs()
         self.session.run_with_iobinding(binding)
         if self.device.type == "cuda":
             binding.synchronize_outputs()
-        return out
+        return outs[0] if len(outs) == 1 else tuple(outs)

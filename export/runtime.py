@@ -28,6 +28,7 @@ from .bundle import (
 )
 
 BACKENDS = RUNTIMES  # the old name
+CACHE_GRAPHS = ("unet_split", "unet_shallow")
 # Which export target each runtime runs from.
 _TARGET_OF = {"onnxruntime": "onnx", "tensorrt": "tensorrt", "aoti": "aoti"}
 
@@ -74,6 +75,8 @@ class ExportedGraphs:
         self.preset = self.manifest["model"].get("preset")
         self.graphs: dict[str, Any] = {}
         for name, entry in self.manifest["graphs"].items():
+            if runtime == "tensorrt" and name in CACHE_GRAPHS:
+                continue  # (engines of one output only: no feature caching on TensorRT)
             self.graphs[name] = self._load(name, entry, device, providers)
         self.device = self.graphs["unet"].device
 
@@ -127,6 +130,39 @@ class ExportedGraphs:
 
         return model
 
+    @property
+    def cache_depth(self) -> int | None:
+        """The skip depth of the export's feature-caching graphs (None: it has none here)."""
+        if not all(name in self.graphs for name in CACHE_GRAPHS):
+            return None
+        return int(self.schedule["sampling"]["cache_depth"])
+
+    def cached_model_fn(self, y=None, low_res=None, *, interval: int, depth: int | None = None):
+        """model_fn with DeepCache feature reuse (`fastsample.featcache`): the split graph at
+        every interval-th call, the shallow graph in between, at the export's skip depth."""
+        from fastsample.featcache import CachedModelFn
+
+        if self.cache_depth is None:
+            why = " on TensorRT" if self.runtime == "tensorrt" and "unet_split" in self.manifest[
+                "graphs"] else ""  # fmt: skip
+            raise InputError(
+                f"cache_interval={interval}: {self.directory} has no feature-caching graphs"
+                f"{why} (export it with a recipe that caches: `fastsample export --recipe FILE` "
+                "with cache_interval > 1)"
+            )
+        if depth is not None and depth != self.cache_depth:
+            raise InputError(f"cache_depth={depth}: this export's caching graphs split the UNet "
+                             f"at depth {self.cache_depth}")  # fmt: skip
+        given = {"low_res": low_res, "y": y}
+        extra = [given[name] for name in self.unet.io.input_names[2:]]
+        split, shallow = self.graphs["unet_split"], self.graphs["unet_shallow"]
+        return CachedModelFn.of_functions(
+            self.model_fn(y, low_res),
+            lambda x, t: split(x, t.float(), *extra),
+            lambda x, t, feature: shallow(x, t.float(), *extra, feature),
+            interval, self.cache_depth,
+        )  # fmt: skip
+
     def guidance_fn(self, y: torch.Tensor):
         """The exported classifier gradient for labels y (unscaled), for the solvers."""
         if self.classifier_grad is None:
@@ -164,6 +200,7 @@ def graphs_for(
     diffusion: Diffusion,
     max_batch: int = 64,
     device: str | None = None,
+    cache_depth: int | None = None,
 ) -> ExportedGraphs:
     """Export (once, into the cache) and load the graphs of eager networks for a runtime.
 
@@ -173,13 +210,13 @@ def graphs_for(
     if runtime not in _TARGET_OF:
         raise InputError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     require_runtime(runtime)
-    memo_key = (runtime, device, max_batch, model.dtype, *_versions(model),
+    memo_key = (runtime, device, max_batch, model.dtype, cache_depth, *_versions(model),
                 id(classifier), *_versions(classifier))  # fmt: skip
     loaded = _LOADED.setdefault(model, {})
     if memo_key not in loaded:
         loaded.clear()  # weights or settings changed: drop the stale sessions
         loaded[memo_key] = _export_and_load(
-            model, classifier, runtime, diffusion, max_batch, device
+            model, classifier, runtime, diffusion, max_batch, device, cache_depth
         )
     return loaded[memo_key]
 
@@ -193,7 +230,8 @@ def _versions(module) -> tuple[int, ...]:
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _export_and_load(model, classifier, runtime, diffusion, max_batch, device) -> ExportedGraphs:
+def _export_and_load(model, classifier, runtime, diffusion, max_batch, device,
+                     cache_depth) -> ExportedGraphs:  # fmt: skip
     from .bundle import DTYPES, export
 
     dtype = {v: k for k, v in DTYPES.items()}[model.dtype]
@@ -207,6 +245,7 @@ def _export_and_load(model, classifier, runtime, diffusion, max_batch, device) -
         torch.__version__,
         weights_sha256(classifier) if classifier is not None else "-",
         aoti_device if target == "aoti" else "-",
+        *([] if cache_depth is None else [f"cache_depth={cache_depth}"]),
     ]
     key = hashlib.sha256("|".join(key_parts).encode()).hexdigest()[:24]
     out = _cache_root() / "exports" / key
@@ -221,5 +260,6 @@ def _export_and_load(model, classifier, runtime, diffusion, max_batch, device) -
             max_batch=max_batch,
             device=aoti_device,
             overwrite=True,
+            sampling={"cache_depth": cache_depth},
         )
     return ExportedGraphs(out, runtime=runtime, device=device)

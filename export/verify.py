@@ -89,7 +89,7 @@ def verify(
     Raises ExportError on hash mismatches and unusable directories."""
     from fastsample.netfns import guidance_fn
 
-    from .graphs import unet_graph
+    from .graphs import unet_cache_graphs, unet_graph
     from .runtime import ExportedGraphs
 
     directory = Path(directory)
@@ -104,6 +104,8 @@ def verify(
     tol = TOLERANCE[manifest["dtype"]] if tolerance is None else tolerance
     net = _eager(manifest["model"], model, "model", dtype, device)
     eager = {"unet": unet_graph(net)}
+    if graphs.cache_depth is not None:
+        eager["unet_split"], eager["unet_shallow"] = unet_cache_graphs(net, graphs.cache_depth)
     if "classifier_grad" in manifest["graphs"]:
         clf = _eager(manifest["classifier"], classifier, "classifier", dtype, device)
 
@@ -125,11 +127,17 @@ def verify(
             with torch.no_grad():
                 got = graphs.graphs[name](*inputs)
             want = eager[name](*inputs)
-            want, got = want.detach().float(), got.float()
-            diff = (got - want).abs().max().item()
-            scale = want.abs().max().item()
-            rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-            check = Check(name, batch, io.output_names[0], diff, rel, tol)
-            log(check.line())
-            checks.append(check)
+            pairs = zip(io.output_names, _outputs(got), _outputs(want), strict=True)
+            for output, g, w in pairs:
+                want_f, got_f = w.detach().float(), g.float()
+                diff = (got_f - want_f).abs().max().item()
+                scale = want_f.abs().max().item()
+                rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+                check = Check(name, batch, output, diff, rel, tol)
+                log(check.line())
+                checks.append(check)
     return checks
+
+
+def _outputs(result) -> tuple:
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)

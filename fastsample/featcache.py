@@ -73,6 +73,17 @@ class CachedModelFn:
         self.feature: torch.Tensor | None = None
         self._k = 0  # the call's index in the trajectory
 
+    @classmethod
+    def of_functions(cls, plain, full, part, interval: int, depth: int) -> CachedModelFn:
+        """A cached model function over other implementations of the three calls: plain(x, t),
+        full(x, t) -> (output, feature) and part(x, t, feature) -> output (exported graphs)."""
+        self = cls.__new__(cls)
+        self.interval, self.depth = check_interval(interval), depth
+        self.plain, self.split, self.shallow = plain, full, part
+        self.full_calls = self.shallow_calls = 0
+        self.feature, self._k = None, 0
+        return self
+
     def reset(self) -> None:
         self.feature, self._k = None, 0
 

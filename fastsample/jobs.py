@@ -293,6 +293,7 @@ def _export_settings(r: ExportRequest, pipe) -> tuple:
     """The export's respaced diffusion, and its dtype, scale and sampling (see ExportRequest):
     the options given, then the recipe's fields, then the defaults."""
     from . import recipes
+    from .featcache import DEFAULT_DEPTH
     from .request import default_sampler
 
     if r.recipe is None:
@@ -301,12 +302,6 @@ def _export_settings(r: ExportRequest, pipe) -> tuple:
         diffusion = pipe.diffusion.respaced(steps, time_schedule=schedule)
         return diffusion, {"dtype": r.dtype or "fp32", "scale": r.scale, "sampling": None}
     rec = recipes.load(r.recipe, pipe.preset)
-    if rec.cache_interval != 1:
-        raise InputError(
-            f"recipe {rec.name!r} caches features (cache_interval {rec.cache_interval}), which "
-            "exported graphs do not run: export it without caching (a recipe file with "
-            "cache_interval 1)"
-        )
     # (the reference recipe's None fields: the pipeline's own respacing and sampler)
     steps = r.steps if r.steps is not None else rec.steps
     schedule = r.schedule or rec.schedule
@@ -317,6 +312,9 @@ def _export_settings(r: ExportRequest, pipe) -> tuple:
         "guidance_every": rec.guidance_every,
         "guidance_interval": rec.guidance_interval,
         "stable_guidance": rec.stable_guidance,
+        "cache_interval": rec.cache_interval,
+        # (the split graphs at the recipe's depth, where it caches)
+        "cache_depth": None if rec.cache_interval == 1 else rec.cache_depth or DEFAULT_DEPTH,
     }  # fmt: skip
     scale = r.scale if r.scale is not None else rec.guidance_scale
     return diffusion, {"dtype": r.dtype or rec.dtype or "fp32", "scale": scale,

@@ -234,14 +234,22 @@ class Pipeline:
             cache_interval=cache_interval, cache_depth=cache_depth, **budget,
         )  # fmt: skip
 
-    def _networks(self, diffusion: Diffusion, guided: bool):
-        """What sample() is given: the eager modules, or the loaded graphs."""
+    def _networks(self, diffusion: Diffusion, guided: bool, cache_interval: int = 1,
+                  cache_depth: int | None = None):  # fmt: skip
+        """What sample() is given: the eager modules, or the loaded graphs (eager networks on
+        another runtime: exported into the cache, with the caching graphs where it caches)."""
         if self.runtime == "eager":
             return self.model, self.classifier if guided else None
-        if self.graphs is None:
+        if self.model is not None:
             from fastsample.export.runtime import graphs_for
 
-            self.graphs = graphs_for(self.model, self.classifier, self.runtime, diffusion)
+            from .featcache import DEFAULT_DEPTH
+
+            split_at = None
+            if cache_interval != 1:
+                split_at = DEFAULT_DEPTH if cache_depth is None else cache_depth
+            self.graphs = graphs_for(self.model, self.classifier, self.runtime, diffusion,
+                                     cache_depth=split_at)  # fmt: skip
         return self.graphs, None
 
     @classmethod
@@ -355,8 +363,9 @@ class Pipeline:
         (the cosine schedule's last timesteps), because the eps-form guidance of every sampler
         but ddpm multiplies the gradient there by over 1000 and turns samples into noise; a
         one-line warning names the skipped steps. cache_interval n, cache_depth d: DeepCache
-        feature caching (`fastsample.featcache`; 1: none, exactly the uncached results; the
-        eager runtime only).
+        feature caching (`fastsample.featcache`; 1: none, exactly the uncached results; on
+        exported graphs, through the split graphs of an export made for a caching recipe, or
+        of the cache export of eager networks; not on TensorRT).
 
         recipe: every sampling knob at once (`fastsample.recipes`): "fast", "balanced",
         "reference" (the preset's own setting), a `fastsample tune` file or a Recipe; the
@@ -374,7 +383,7 @@ class Pipeline:
         )  # fmt: skip
         labels, low, diffusion = req.labels, req.low_res, req.diffusion
         cfg = self.config
-        net, clf = self._networks(diffusion, req.guided)
+        net, clf = self._networks(diffusion, req.guided, req.cache_interval, req.cache_depth)
         images = []
         bar = None
         own_bar = progress is True

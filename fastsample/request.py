@@ -130,6 +130,7 @@ def export_recipe(pipe):
     return Recipe(s["sampler"], None, schedule=None,
                   guidance_interval=None if interval is None else tuple(interval),
                   guidance_every=s["guidance_every"], stable_guidance=s["stable_guidance"],
+                  cache_interval=s.get("cache_interval", 1), cache_depth=s.get("cache_depth"),
                   name=s["recipe"], source="recorded by the export")  # fmt: skip
 
 
@@ -219,16 +220,17 @@ def _check_cache(pipe, interval, depth) -> tuple[int, int | None]:
     interval = featcache.check_interval(interval)
     if interval == 1 and depth is None:
         return 1, None
-    if pipe.runtime != "eager" or pipe.model is None:
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, Integral)):
+        raise InputError(f"cache_depth={depth!r}: expected a positive integer or None")
+    if pipe.runtime == "tensorrt":
         raise InputError(
-            f"cache_interval={interval}, cache_depth={depth!r}: feature caching needs the eager "
-            f"runtime (runtime {pipe.runtime!r} runs a graph of the whole UNet at every step)"
+            f"cache_interval={interval}, cache_depth={depth!r}: feature caching runs on the "
+            "eager, onnxruntime and aoti runtimes (TensorRT engines hold the whole UNet only)"
         )
-    if depth is not None:
-        if isinstance(depth, bool) or not isinstance(depth, Integral):
-            raise InputError(f"cache_depth={depth!r}: expected a positive integer or None")
-        depth = pipe.model.check_depth(depth)
-    return interval, depth
+    if pipe.model is None:  # an export: its caching graphs, at the depth it was made for
+        pipe.graphs.cached_model_fn(interval=interval, depth=depth)
+        return interval, depth
+    return interval, None if depth is None else pipe.model.check_depth(depth)
 
 
 def _labels(pipe, n: int, classes, seed: int, first: int) -> np.ndarray | None:

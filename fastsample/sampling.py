@@ -133,21 +133,32 @@ def check_inputs(cfg, clf_cfg, shape, y, low_res, sampler, guidance_scale, devic
     return y, y_model, low_res
 
 
-def _networks(model, classifier, runtime, diffusion, guidance_scale):
-    """-> (config, classifier config or None, device, model_fn factory, guidance_fn factory)."""
+def _networks(model, classifier, runtime, diffusion, guidance_scale, cache):
+    """-> (config, classifier config or None, device, model_fn factory, guidance_fn factory).
+    cache: (interval, depth or None) of feature caching; the model_fn factory's function
+    caches where interval > 1."""
     from .unet import UNet
 
+    interval, depth = cache
     if runtime == "eager":
         if not isinstance(model, UNet):
             raise InputTypeError(
                 "model: expected a UNet or SuperResUNet for the eager runtime, got "
                 f"{type(model).__name__}"
             )
+        settings = featcache.settings(model, interval, depth)
+
+        def make_model(y, low_res):
+            if settings is None:
+                return netfns.model_fn(model, y, low_res)
+            return featcache.cached_model_fn(model, y, low_res, interval=settings[0],
+                                             depth=settings[1])  # fmt: skip
+
         return (
             model.config,
             classifier.config if classifier is not None else None,
             next(model.parameters()).device,
-            lambda y, low_res: netfns.model_fn(model, y, low_res),
+            make_model,
             lambda y: netfns.guidance_fn(classifier, y),
         )
     from fastsample.export.runtime import ExportedGraphs, graphs_for
@@ -161,13 +172,23 @@ def _networks(model, classifier, runtime, diffusion, guidance_scale):
         if graphs.runtime != runtime:
             raise InputError(f"these graphs run on {graphs.runtime!r}, not {runtime!r}")
     elif isinstance(model, UNet):
-        graphs = graphs_for(model, classifier if guidance_scale != 0 else None, runtime, diffusion)
+        # (caching: the cache export also holds the split graphs at the run's depth)
+        split_at = None if interval == 1 else model.check_depth(depth or featcache.DEFAULT_DEPTH)
+        graphs = graphs_for(model, classifier if guidance_scale != 0 else None, runtime, diffusion,
+                            cache_depth=split_at)  # fmt: skip
     else:
         raise InputTypeError(
             f"model: expected a UNet or ExportedGraphs, got {type(model).__name__}"
         )
     clf_cfg = graphs.classifier_config if graphs.classifier_grad is not None else None
-    return graphs.config, clf_cfg, graphs.device, graphs.model_fn, graphs.guidance_fn
+    make_model = graphs.model_fn
+    if interval != 1:
+        graphs.cached_model_fn(interval=interval, depth=depth)  # (refused here, before any work)
+
+        def make_model(y, low_res):
+            return graphs.cached_model_fn(y, low_res, interval=interval, depth=depth)
+
+    return graphs.config, clf_cfg, graphs.device, make_model, graphs.guidance_fn
 
 
 def sample(
@@ -212,20 +233,17 @@ def sample(
     cache_interval, cache_depth: DeepCache-style feature caching (`fastsample.featcache`): the
     whole UNet runs at every cache_interval-th step, in between only its shallow blocks, reusing
     the deep feature at skip depth cache_depth (None: featcache.DEFAULT_DEPTH = 1, the
-    shallowest and cheapest). 1 (the default) is exactly the uncached sampler. Eager runtime only
-    (the torch networks; the fast engine caches the same way on its static buffers).
+    shallowest and cheapest). 1 (the default) is exactly the uncached sampler. Exported graphs
+    cache through their split graphs (an export made for a caching recipe; eager networks on
+    another runtime are exported with them), on ONNX Runtime and AOTInductor; the fast engine
+    caches the same way on its static buffers.
     (backend= is the old name of runtime=.)
     """
     runtime = check_runtime(renamed("runtime", runtime, "backend", backend, "eager"))
     cache_interval = featcache.check_interval(cache_interval)
-    if cache_interval != 1 and runtime != "eager":
-        raise InputError(
-            f"cache_interval={cache_interval} needs runtime='eager' (runtime {runtime!r} runs "
-            "an exported graph of the whole UNet at every step)"
-        )
     shape = tuple(int(s) for s in shape)
     cfg, clf_cfg, device, make_model, make_guidance = _networks(
-        model, classifier, runtime, diffusion, guidance_scale
+        model, classifier, runtime, diffusion, guidance_scale, (cache_interval, cache_depth)
     )
     y, y_model, low_res = check_inputs(
         cfg, clf_cfg if guidance_scale != 0 else None, shape, y, low_res, sampler,
@@ -236,10 +254,6 @@ def sample(
               "stable_guidance": bool(stable_guidance)}  # fmt: skip
     solvers.check_guidance_budget(guidance_interval, guidance_every)
     model_fn = make_model(y_model, low_res)
-    cache = featcache.settings(model, cache_interval, cache_depth) if runtime == "eager" else None
-    if cache is not None:
-        model_fn = featcache.cached_model_fn(model, y_model, low_res, interval=cache[0],
-                                             depth=cache[1])  # fmt: skip
     guidance = make_guidance(y) if guided else None
     draw = noise_source(noise, seed, shape, diffusion.num_steps, device)
     if runtime != "eager":

@@ -18,6 +18,7 @@ export's own default run in Python (Pipeline.from_export), and eager PyTorch in 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -191,16 +192,44 @@ def main() -> int:
             "manifest.json",
         ),
         (
-            [str(out), "--seed", "1", "--batch", "1", "--sampler", "euler", "--out",
-             str(work / "bad.npy")],
+            [
+                str(out),
+                "--seed",
+                "1",
+                "--batch",
+                "1",
+                "--sampler",
+                "euler",
+                "--out",
+                str(work / "bad.npy"),
+            ],
             "--sampler euler: expected ddim or ddpm",
         ),  # fmt: skip
         (
-            [str(out), "--seed", "1", "--batch", "1", "--sampler", "ddpm", "--eta", "0.5",
-             "--out", str(work / "bad.npy")],
+            [
+                str(out),
+                "--seed",
+                "1",
+                "--batch",
+                "1",
+                "--sampler",
+                "ddpm",
+                "--eta",
+                "0.5",
+                "--out",
+                str(work / "bad.npy"),
+            ],
             "--eta is DDIM's",
         ),  # fmt: skip
     ]
+    # an export made for a caching recipe (its schedule.json says so): refused, not run uncached
+    cached = work / "cached_export"
+    shutil.copytree(out, cached)
+    schedule = json.loads((cached / "schedule.json").read_text())
+    schedule["sampling"].update(cache_interval=2, cache_depth=1)
+    (cached / "schedule.json").write_text(json.dumps(schedule))
+    bad_cases.append(([str(cached), "--seed", "1", "--batch", "1", "--out", str(work / "bad.npy")],
+                      "caches features"))  # fmt: skip
     errors_ok = True
     for argv, needle in bad_cases:
         run = subprocess.run([args.runner, *argv], capture_output=True, text=True)

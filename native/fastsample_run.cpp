@@ -210,6 +210,11 @@ int run(const Args& a) {
                   "; fastsample-run runs ddim or ddpm (pass --sampler)");
   }
   const bool ddpm = sampler == "ddpm";
+  if (schedule.has("sampling") && schedule.at("sampling").has("cache_interval") &&
+      schedule.at("sampling").at("cache_interval").as_number() != 1)
+    usage_error(a.dir + " was exported for a recipe that caches features; fastsample-run runs the "
+                "whole UNet at every step: export the recipe with cache_interval 1, or run this "
+                "export with `fastsample sample --model " + a.dir + "`");
   if (ddpm && a.eta != 0.0) usage_error("--eta is DDIM's; the ancestral (ddpm) step has none");
 
   const auto& graphs = manifest.at("graphs");

@@ -1,7 +1,11 @@
 """Exports made for a recipe (`fastsample export --recipe`): schedule.json records the recipe's
 sampler and guidance budget with the plan tables fastsample-run follows, the export runs the
-recipe by default in Python, and what an export cannot honour is said in one line.
+recipe by default in Python, a caching recipe's export holds the UNet split at its depth and
+caches like the eager networks, and what an export cannot honour is said in one line.
 (fastsample-run's own run of the demo's fast recipe is checked by ctest: native/check_native.py.)
+
+float32 graphs differ from eager PyTorch only in summation order (~1e-6 of a call's output);
+through a guided sampling loop that compounds to the 1e-4 of tests/test_export.py.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastsample import Diffusion, Pipeline, jobs, recipes
+from conftest import rel_err
+from fastsample import Diffusion, Pipeline, jobs, recipes, sample
 from fastsample.catalog import DEMO_UNET
+from fastsample.checkpoint import load_model
 from fastsample.cli import main
-from fastsample.errors import InputError
+from fastsample.errors import ExportError, InputError
+from fastsample.export import export, load
 from fastsample.export.bundle import schedule_json
 from fastsample.guidance import guidance_plan
 
@@ -106,7 +114,7 @@ def test_plan_tables_match_the_guidance_plan(every, lo, width, steps):
 @pytest.mark.parametrize(
     "field, value, needle",
     [("sampler", "euler", "sampler 'euler'"), ("guidance_every", 0, "guidance_every 0"),
-     ("guidance_interval", [5, 1], "guidance_interval"), ("cache_interval", 2, "caches features")],
+     ("guidance_interval", [5, 1], "guidance_interval"), ("cache_depth", 0, "cache_depth")],
 )  # fmt: skip
 def test_export_refuses_what_it_cannot_record_in_one_line(tmp_path, field, value, needle):
     recipe = {"sampler": "ddpm", "steps": "12", field: value}
@@ -129,3 +137,133 @@ def test_export_recipe_names_are_checked_before_any_work(tmp_path, tiny_checkpoi
         assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
     with pytest.raises(InputError, match="guidance_every"):
         schedule_json(Diffusion(timestep_respacing="10"), sampling={"guidance_every": -1})
+
+
+# -- feature caching in exports ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def caching_export(tiny_checkpoints, tmp_path_factory):
+    """The tiny golden UNet and classifier exported (ONNX) for a recipe that caches features."""
+    root = tmp_path_factory.mktemp("caching")
+    recipe = {"sampler": "ddim", "steps": "8", "guidance_scale": 1.5, "cache_interval": 3,
+              "cache_depth": 2, "name": "cached"}  # fmt: skip
+    (root / "cached.json").write_text(json.dumps(recipe))
+    out = root / "export"
+    request = jobs.ExportRequest(out, model=str(tiny_checkpoints["model"]),
+                                 classifier=str(tiny_checkpoints["classifier"]),
+                                 recipe=str(root / "cached.json"))  # fmt: skip
+    jobs.export(request, log=lambda line: None)
+    return out
+
+
+def _tiny_run(tiny_checkpoints, graphs=None, runtime="eager", **kw):
+    model = load_model(tiny_checkpoints["model"])
+    classifier = load_model(tiny_checkpoints["classifier"])
+    cfg = model.config
+    shape = (3, cfg.in_channels, cfg.image_size, cfg.image_size)
+    common = dict(y=torch.tensor([0, 3, 7]) % max(1, cfg.num_classes or 10), sampler="ddim",
+                  guidance_scale=1.5, seed=[11, 12, 13], stable_guidance=True, **kw)  # fmt: skip
+    diffusion = tiny_checkpoints["diffusion"].respaced("8")
+    if graphs is not None:
+        return sample(graphs, diffusion, shape, runtime=graphs.runtime, **common)
+    return sample(model, diffusion, shape, classifier=classifier, runtime=runtime, **common)
+
+
+def test_caching_export_holds_the_split_graphs_and_caches_like_eager(tiny_checkpoints,
+                                                                      caching_export):  # fmt: skip
+    manifest = json.loads((caching_export / "manifest.json").read_text())
+    assert {"unet", "unet_split", "unet_shallow", "classifier_grad"} == set(manifest["graphs"])
+    schedule = json.loads((caching_export / "schedule.json").read_text())
+    assert schedule["sampling"]["cache_interval"] == 3 and schedule["sampling"]["cache_depth"] == 2
+    graphs = load(caching_export)
+    assert graphs.cache_depth == 2
+    cached = _tiny_run(tiny_checkpoints, graphs, cache_interval=3, cache_depth=2)
+    eager = _tiny_run(tiny_checkpoints, cache_interval=3, cache_depth=2)
+    plain = _tiny_run(tiny_checkpoints)
+    assert rel_err(cached, eager) < 1e-4
+    assert rel_err(plain, eager) > 1e-3  # (caching changes the samples: the check can fail)
+    # the shallow graph with the split graph's feature is the whole UNet, to float32 rounding
+    split, shallow = graphs.graphs["unet_split"], graphs.graphs["unet_shallow"]
+    x, t = torch.randn(2, *split.io.inputs[0][2][1:]), torch.tensor([3.0, 700.0])
+    extra = [torch.tensor([1, 2])] if "y" in graphs.unet.io.input_names else []
+    out, feature = split(x, t, *extra)
+    assert rel_err(shallow(x, t, *extra, feature), graphs.unet(x, t, *extra)) < 1e-5
+    assert rel_err(out, graphs.unet(x, t, *extra)) < 1e-5
+
+
+def test_caching_export_runs_its_recipe_by_default(caching_export):
+    pipe = Pipeline.from_export(caching_export)
+    request = pipe.check(2, 2)
+    assert request.recipe.name == "cached"
+    assert request.calls == {"unet": 8, "classifier": 8, "unet_full": 3, "unet_shallow": 5}
+    a = pipe.generate(2, batch_size=2, seed=1, progress=False)
+    b = pipe.generate(2, batch_size=2, seed=1, progress=False, sampler="ddim", cache_interval=3)
+    assert np.array_equal(a.images, b.images)
+    with pytest.raises(InputError, match="at depth 2"):
+        pipe.check(2, 2, cache_interval=3, cache_depth=1)
+
+
+def test_eager_networks_on_onnxruntime_cache_through_their_cache_export(
+    tiny_checkpoints, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FASTSAMPLE_CACHE", str(tmp_path))
+    on_ort = _tiny_run(tiny_checkpoints, runtime="onnxruntime", cache_interval=2)
+    eager = _tiny_run(tiny_checkpoints, cache_interval=2)
+    assert rel_err(on_ort, eager) < 1e-4
+    (manifest,) = tmp_path.glob("exports/*/manifest.json")
+    assert "unet_split" in json.loads(manifest.read_text())["graphs"]
+
+
+def test_an_export_without_caching_graphs_says_how_to_get_them(fast_export):
+    pipe = Pipeline.from_export(fast_export)
+    with pytest.raises(InputError, match="no feature-caching graphs") as caught:
+        pipe.check(2, 2, cache_interval=2)
+    assert "\n" not in str(caught.value) and "--recipe" in str(caught.value)
+    result = CliRunner().invoke(main, ["sample", "--model", str(fast_export), "--cache-interval",
+                                       "2", "--out", str(fast_export.parent / "c")])  # fmt: skip
+    assert result.exit_code == 2 and "no feature-caching graphs" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (fast_export.parent / "c").exists()
+
+
+def test_caching_graphs_are_not_made_for_tensorrt(tiny_checkpoints, tmp_path):
+    model = load_model(tiny_checkpoints["model"])
+    with pytest.raises(ExportError, match="not tensorrt"):
+        export(model, tiny_checkpoints["diffusion"], tmp_path / "t", target="tensorrt",
+               sampling={"cache_interval": 2, "cache_depth": 1})  # fmt: skip
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(InputError, match="cache_depth"):
+        export(model, tiny_checkpoints["diffusion"], tmp_path / "t",
+               sampling={"cache_interval": 2, "cache_depth": 99})  # fmt: skip
+    assert not (tmp_path / "t").exists()
+
+
+def test_aoti_graph_of_two_outputs_returns_both(tmp_path):
+    """What an AOTInductor split graph needs beyond an ONNX one: a package of two outputs
+    called as a tuple (the caching logic above is the runtimes' shared code)."""
+    from fastsample.export.aoti import AotiGraph, compile_package
+    from fastsample.export.graphs import GraphIO
+
+    class TwoOutputs(torch.nn.Module):
+        def forward(self, x, t):
+            return x * t[:, None, None, None], (x + 1).float()
+
+    image = (None, 2, 4, 4)
+    io = GraphIO((("x", "float32", image), ("t", "float32", (None,))),
+                 (("out", "float32", image), ("feature", "float32", image)))  # fmt: skip
+    compile_package(TwoOutputs(), io, tmp_path / "two.pt2", torch.device("cpu"))
+    graph = AotiGraph(tmp_path / "two.pt2", io, "cpu")
+    x, t = torch.randn(3, 2, 4, 4), torch.tensor([1.0, 2.0, 3.0])
+    out, feature = graph(x, t)
+    assert torch.equal(out, x * t[:, None, None, None]) and torch.equal(feature, x + 1)
+
+
+def test_verify_checks_both_outputs_of_the_split_graph(caching_export, tiny_checkpoints):
+    from fastsample.export.verify import verify
+
+    checks = verify(caching_export, model=str(tiny_checkpoints["model"]),
+                    classifier=str(tiny_checkpoints["classifier"]))  # fmt: skip
+    seen = {(c.graph, c.output) for c in checks}
+    assert {("unet_split", "out"), ("unet_split", "feature"), ("unet_shallow", "out")} <= seen
+    assert all(c.ok for c in checks), [c.line() for c in checks if not c.ok]

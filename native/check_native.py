@@ -162,74 +162,28 @@ def main() -> int:
     )
     print(f"--seed runs: {'deterministic' if seeded_ok else 'FAILED'}")
     # Bad input: one line on stderr, exit code 2, no output file.
-    bad_cases = [
-        ([str(out), "--seed", "1"], "--out is required"),
-        ([str(out), "--seed", "1", "--out", str(work / "bad.npy")], "--batch"),
-        (
-            [str(out), "--noise", str(work / "labels.npy"), "--out", str(work / "bad.npy")],
-            "expected float32 noise",
-        ),
-        (
-            [
-                str(out),
-                "--seed",
-                "1",
-                "--batch",
-                "2",
-                "--labels",
-                "12",
-                "--out",
-                str(work / "bad.npy"),
-            ],
-            "class label 12",
-        ),
-        (
-            [str(out), "--seed", "x", "--batch", "2", "--out", str(work / "bad.npy")],
-            "expected a number",
-        ),
-        (
-            [str(work), "--seed", "1", "--batch", "1", "--out", str(work / "bad.npy")],
-            "manifest.json",
-        ),
-        (
-            [
-                str(out),
-                "--seed",
-                "1",
-                "--batch",
-                "1",
-                "--sampler",
-                "euler",
-                "--out",
-                str(work / "bad.npy"),
-            ],
-            "--sampler euler: expected ddim or ddpm",
-        ),  # fmt: skip
-        (
-            [
-                str(out),
-                "--seed",
-                "1",
-                "--batch",
-                "1",
-                "--sampler",
-                "ddpm",
-                "--eta",
-                "0.5",
-                "--out",
-                str(work / "bad.npy"),
-            ],
-            "--eta is DDIM's",
-        ),  # fmt: skip
-    ]
+    bad = str(work / "bad.npy")
+
+    def seeded(directory, *extra):  # a seeded run of batch 1 into bad.npy, with extra options
+        return [str(directory), "--seed", "1", "--batch", "1", *extra, "--out", bad]
+
     # an export made for a caching recipe (its schedule.json says so): refused, not run uncached
     cached = work / "cached_export"
     shutil.copytree(out, cached)
     schedule = json.loads((cached / "schedule.json").read_text())
     schedule["sampling"].update(cache_interval=2, cache_depth=1)
     (cached / "schedule.json").write_text(json.dumps(schedule))
-    bad_cases.append(([str(cached), "--seed", "1", "--batch", "1", "--out", str(work / "bad.npy")],
-                      "caches features"))  # fmt: skip
+    bad_cases = [
+        ([str(out), "--seed", "1"], "--out is required"),
+        ([str(out), "--seed", "1", "--out", bad], "--batch"),
+        ([str(out), "--noise", str(work / "labels.npy"), "--out", bad], "expected float32 noise"),
+        (seeded(out, "--labels", "12"), "class label 12"),
+        ([str(out), "--seed", "x", "--batch", "2", "--out", bad], "expected a number"),
+        (seeded(work), "manifest.json"),
+        (seeded(out, "--sampler", "euler"), "--sampler euler: expected ddim or ddpm"),
+        (seeded(out, "--sampler", "ddpm", "--eta", "0.5"), "--eta is DDIM's"),
+        (seeded(cached), "caches features"),
+    ]
     errors_ok = True
     for argv, needle in bad_cases:
         run = subprocess.run([args.runner, *argv], capture_output=True, text=True)
@@ -237,7 +191,7 @@ def main() -> int:
             run.returncode in (1, 2)
             and needle in run.stderr
             and len(run.stderr.strip().splitlines()) == 1
-            and not (work / "bad.npy").exists()
+            and not Path(bad).exists()
         )
         if not good:
             print(f"bad input {argv}: rc={run.returncode}, stderr={run.stderr!r}")

@@ -3,14 +3,27 @@ environment) and the set-up of the Triton kernel tests (tests/kernels)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The suite's own cache (cache exports, self-check verdicts): nothing is read from or left in
+# the user's ~/.cache/fastsample, and parallel workers (pytest -n) never share a directory.
+if "FASTSAMPLE_CACHE" not in os.environ:
+    os.environ["FASTSAMPLE_CACHE"] = tempfile.mkdtemp(prefix="fastsample-tests-")
+    atexit.register(shutil.rmtree, os.environ["FASTSAMPLE_CACHE"], ignore_errors=True)
+# Under pytest -n N each worker computes on one thread: N workers share the cores instead of
+# oversubscribing them (the golden tests are bit-exact on one thread either way).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 # The reference implementation's outputs, vendored in tests/data (tests/data/README.md).
 # FASTSAMPLE_SHARED_DIR names another copy laid out as ../shared (reference_data/,

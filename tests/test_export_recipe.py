@@ -47,7 +47,8 @@ def test_export_records_the_recipe_and_the_plans_of_both_runner_samplers(fast_ex
     assert manifest["guidance_scale"] == rec.guidance_scale
     assert schedule["sampling"] == {
         "recipe": "fast", "sampler": rec.sampler, "guidance_every": rec.guidance_every,
-        "guidance_interval": None, "stable_guidance": True,
+        "guidance_interval": None, "stable_guidance": True, "cache_interval": 1,
+        "cache_depth": None,
     }  # fmt: skip
     diffusion = Diffusion(**schedule["diffusion"])
     assert diffusion.timestep_respacing == rec.steps and schedule["num_steps"] == int(rec.steps)

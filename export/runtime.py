@@ -142,13 +142,14 @@ class ExportedGraphs:
         every interval-th call, the shallow graph in between, at the export's skip depth."""
         from fastsample.featcache import CachedModelFn
 
+        if self.runtime == "tensorrt":
+            raise InputError(f"cache_interval={interval}: TensorRT engines hold the whole UNet "
+                             "only; feature caching runs on onnxruntime and aoti")  # fmt: skip
         if self.cache_depth is None:
-            why = " on TensorRT" if self.runtime == "tensorrt" and "unet_split" in self.manifest[
-                "graphs"] else ""  # fmt: skip
             raise InputError(
-                f"cache_interval={interval}: {self.directory} has no feature-caching graphs"
-                f"{why} (export it with a recipe that caches: `fastsample export --recipe FILE` "
-                "with cache_interval > 1)"
+                f"cache_interval={interval}: {self.directory} has no feature-caching graphs "
+                "(export it with a recipe that caches: `fastsample export --recipe FILE` with "
+                "cache_interval > 1)"
             )
         if depth is not None and depth != self.cache_depth:
             raise InputError(f"cache_depth={depth}: this export's caching graphs split the UNet "

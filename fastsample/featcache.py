@@ -156,6 +156,13 @@ def settings(model, interval: int, depth: int | None) -> tuple[int, int] | None:
     return None if interval == 1 else (interval, depth)
 
 
+def split_depth(model, interval: int, depth: int | None) -> int | None:
+    """The skip depth whose split graphs a run on exported graphs needs (None: it does not
+    cache); checked as `settings` checks it."""
+    found = settings(model, interval, depth)
+    return None if found is None else found[1]
+
+
 def _check_model(model) -> None:
     from .unet import UNet
 

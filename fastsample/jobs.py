@@ -293,7 +293,7 @@ def _export_settings(r: ExportRequest, pipe) -> tuple:
     """The export's respaced diffusion, and its dtype, scale and sampling (see ExportRequest):
     the options given, then the recipe's fields, then the defaults."""
     from . import recipes
-    from .featcache import DEFAULT_DEPTH
+    from .featcache import split_depth
     from .request import default_sampler
 
     if r.recipe is None:
@@ -314,7 +314,7 @@ def _export_settings(r: ExportRequest, pipe) -> tuple:
         "stable_guidance": rec.stable_guidance,
         "cache_interval": rec.cache_interval,
         # (the split graphs at the recipe's depth, where it caches)
-        "cache_depth": None if rec.cache_interval == 1 else rec.cache_depth or DEFAULT_DEPTH,
+        "cache_depth": split_depth(pipe.model, rec.cache_interval, rec.cache_depth),
     }  # fmt: skip
     scale = r.scale if r.scale is not None else rec.guidance_scale
     return diffusion, {"dtype": r.dtype or rec.dtype or "fp32", "scale": scale,

@@ -24,6 +24,7 @@ from ._deprecation import _UNSET, renamed
 from .catalog import PRESETS
 from .checkpoint import create_model, load_model, read_diffusion
 from .errors import InputError, InputTypeError, NonFiniteError, OutputExistsError
+from .featcache import split_depth
 from .image_io import atomic_write, image_grid, to_uint8, write_npz
 from .ops import Kernels
 from .recipes import Recipe
@@ -243,13 +244,9 @@ class Pipeline:
         if self.model is not None:
             from fastsample.export.runtime import graphs_for
 
-            from .featcache import DEFAULT_DEPTH
-
-            split_at = None
-            if cache_interval != 1:
-                split_at = DEFAULT_DEPTH if cache_depth is None else cache_depth
             self.graphs = graphs_for(self.model, self.classifier, self.runtime, diffusion,
-                                     cache_depth=split_at)  # fmt: skip
+                                     cache_depth=split_depth(self.model, cache_interval,
+                                                             cache_depth))  # fmt: skip
         return self.graphs, None
 
     @classmethod

@@ -173,9 +173,8 @@ def _networks(model, classifier, runtime, diffusion, guidance_scale, cache):
             raise InputError(f"these graphs run on {graphs.runtime!r}, not {runtime!r}")
     elif isinstance(model, UNet):
         # (caching: the cache export also holds the split graphs at the run's depth)
-        split_at = None if interval == 1 else model.check_depth(depth or featcache.DEFAULT_DEPTH)
         graphs = graphs_for(model, classifier if guidance_scale != 0 else None, runtime, diffusion,
-                            cache_depth=split_at)  # fmt: skip
+                            cache_depth=featcache.split_depth(model, interval, depth))  # fmt: skip
     else:
         raise InputTypeError(
             f"model: expected a UNet or ExportedGraphs, got {type(model).__name__}"

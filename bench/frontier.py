@@ -39,7 +39,7 @@ import torch
 from fastsample import Pipeline, featcache, recipes
 from fastsample.catalog import DEMO_UNET, PRESETS
 from fastsample.demo import WEIGHTS_DIR
-from fastsample.evaluate import Scorer, load_reference
+from fastsample.evaluate import Scorer
 from fastsample.guidance import guidance_plan
 from fastsample.recipes import Recipe
 
@@ -171,8 +171,7 @@ def main() -> None:
         tmp.write_text(json.dumps({"samples": args.samples, "rows": rows}, indent=1) + "\n")
         tmp.replace(args.rows)
 
-    ref_images, ref_stats = load_reference(WEIGHTS_DIR / "heldout.npz")
-    scorer = Scorer(ref_images, "judge", ref_stats)
+    scorer = Scorer(WEIGHTS_DIR / "heldout.npz", "judge")
     for label, rec in grid.items():
         if label in rows and rows[label]["recipe"] == rec.knobs():
             continue

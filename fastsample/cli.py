@@ -9,7 +9,7 @@ import warnings
 
 import click
 
-from . import cli_export, cli_tune
+from . import cli_eval, cli_export, cli_tune
 from .cliopts import (
     GUIDANCE_LINES,
     SCHEDULE_LINES,
@@ -21,7 +21,7 @@ from .cliopts import (
     parse_interval,
     runtime_option,
 )
-from .errors import FastsampleError, InputError, MissingFileError
+from .errors import FastsampleError, InputError
 
 
 def _one_line_errors(fn):
@@ -277,45 +277,6 @@ def sample_cmd(model, classifier, scale, steps, schedule, sampler, guidance_inte
 
 
 @main.command(
-    "eval",
-    epilog="""\b
-The extractor used is printed first. The reference evaluator (and the paper) use Inception-v3
-features; fastsample's default for 32x32 images is the demo judge, a digit classifier trained on
-clean MNIST. Numbers from different extractors are not comparable with each other.
-""",
-)
-@click.argument("samples", type=click.Path(dir_okay=False))
-@click.option(
-    "--ref",
-    type=click.Path(dir_okay=False),
-    help="Reference batch .npz (arr_0 uint8 NHWC; optional mu, sigma, mu_s, sigma_s). "
-    "Default: the demo's 500 held-out digits.",
-)
-@click.option(
-    "--extractor",
-    default="judge",
-    show_default=True,
-    help="Feature extractor: judge, pixels, or package.module:factory.",
-)
-@_one_line_errors
-def eval_cmd(samples: str, ref: str | None, extractor: str) -> None:
-    """FID, sFID, Inception Score, precision and recall of SAMPLES.npz against a reference
-    batch, as the reference evaluator defines them; with labels (arr_1), also the judge's
-    accuracy on the requested classes."""
-    from pathlib import Path
-
-    from .demo import WEIGHTS_DIR
-    from .evaluate import evaluate
-
-    for path in (samples, ref):
-        if path is not None and not Path(path).is_file():
-            raise MissingFileError(f"{path}: no such file")
-    report = evaluate(samples, ref or WEIGHTS_DIR / "heldout.npz", extractor=extractor)
-    for line in report.lines():
-        click.echo(line)
-
-
-@main.command(
     "doctor",
     epilog="""\b
 Examples:
@@ -380,5 +341,6 @@ def doctor_cmd(device, sizes, runtimes, json_out) -> None:
 if __name__ == "__main__":
     main()
 
+cli_eval.register(main, _one_line_errors)
 cli_tune.register(main, _one_line_errors)
 cli_export.register(main, _one_line_errors)

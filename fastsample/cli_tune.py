@@ -19,7 +19,7 @@ def tune_job(model, classifier, ref, target, within, budget, out, samples, batch
 
     from . import __version__
     from .catalog import DEMO_UNET, PRESETS
-    from .evaluate import Scorer, load_reference
+    from .evaluate import Scorer, resolve_extractor
     from .image_io import atomic_write, file_sha256
     from .jobs import TORCH_DTYPES, _device, identity
     from .pipeline import Pipeline
@@ -49,18 +49,13 @@ def tune_job(model, classifier, ref, target, within, budget, out, samples, batch
     if out.is_dir():
         raise InputError(f"--out {out}: is a directory; expected the recipe file to write")
     dev = _device(device)
-    ref_images, ref_stats = load_reference(ref)
-    if extractor is None:
-        if ref_images.shape[1:3] != (32, 32):
-            raise InputError(
-                f"--extractor: the reference images are {ref_images.shape[1]}x"
-                f"{ref_images.shape[2]}; the judge reads 32x32 digits only: name an extractor "
-                "(package.module:factory)"
-            )
-        extractor = "judge"
+    from .imagesource import open_images
+
+    ref_source = open_images(ref)
+    extractor = resolve_extractor(extractor or "auto", ref_source.shape)
     if extractor != "judge" and any(metric == "accuracy" for metric, _ in goal.bounds):
         raise InputError("--target accuracy: only the judge extractor measures accuracy")
-    scorer = Scorer(ref_images, extractor, ref_stats)
+    scorer = Scorer(ref_source, extractor, device=dev)
 
     def make_pipe(precision: str | None):
         name = precision or (None if dtype == "auto" else dtype)
@@ -158,7 +153,11 @@ Killed, the same command continues from OUT.tune/ (the samples and figures so fa
         show_default=True,
         help="Both networks' precision (GPU: also tried per setting).",
     )
-    @click.option("--extractor", help="Feature extractor for FID (default: the judge, for 32x32).")
+    @click.option(
+        "--extractor",
+        help="Feature extractor for FID (default: judge for 32x32, inception for RGB of 64 px "
+        "and up).",
+    )
     @click.option("--overwrite", is_flag=True, help="Discard OUT.tune's state of other settings.")
     @click.option("--quiet", is_flag=True, help="No line per measured setting.")
     @one_line_errors

@@ -1,133 +1,67 @@
-"""Sample quality: FID, sFID, Inception Score, precision and recall, as the reference evaluator
-(guided-diffusion's evaluations/evaluator.py) defines them, over a pluggable feature extractor.
+"""Sample quality as the reference evaluator (guided-diffusion's evaluations/evaluator.py)
+measures it: Inception Score, FID, sFID, precision and recall (formulas in `metrics`), over a
+pluggable feature extractor, streaming: images are read and featurized batch by batch, moments
+summed in float64; only the pool features precision/recall needs (float32) are kept.
 
-- FID / sFID (Heusel et al. 2017): |mu1 - mu2|^2 + tr S1 + tr S2 - 2 tr sqrt(S1 S2) on "pool" /
-  "spatial" features; covariances with N - 1 normalisation; reference statistics (mu, sigma,
-  mu_s, sigma_s) stored in the reference .npz are used when present.
-- Inception Score (Salimans et al. 2016): exp(mean KL(p(y|x) || p(y))) per split of 5,000,
-  averaged over splits.
-- Precision / recall (Kynkaanniemi et al. 2019), k = 3: a point's radius is its 4th-smallest
-  squared distance within its own set (itself first); precision is the share of samples inside some
-  reference ball, recall the share of reference points inside some sample ball.
+Extractors map uint8 NHWC images to {"pool", "spatial", "logits"}:
+- "inception": the reference's own network (`fastsample.inception`), the default for RGB
+  images of 64 px and up;
+- "judge": the demo's digit classifier, the default for 32x32 images;
+- "pixels" (tests, sanity checks) and "package.module:factory" (a function returning one).
+Numbers from different extractors are not comparable with each other, so a reference .npz's
+stored statistics are used only with the extractor they came from: the reference batches'
+(which name none) are Inception's; the files `write_reference` makes name theirs.
 
-The extractor maps uint8 NHWC images to {"pool", "spatial", "logits"}. The reference uses
-Inception-v3; fastsample's default for demo-sized images is the demo judge. Numbers from
-different extractors are not comparable with each other.
+Argument order: the reference evaluator takes the reference first (`evaluator.py REF SAMPLES`);
+`fastsample eval SAMPLES --ref REF` takes the samples first.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import InputError
+from .errors import InputError, OutputExistsError
+from .imagesource import STAT_KEYS, ImageSource, open_images
+from .metrics import (  # noqa: F401  (the metric functions' public home stays here)
+    RunningMoments,
+    ScoreAccumulator,
+    frechet_distance,
+    inception_score,
+    manifold_radii,
+    precision_recall,
+    statistics,
+)
 
-Extractor = Callable[[np.ndarray], dict[str, np.ndarray]]
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2), in float64.
-
-    tr sqrt(S1 S2) is computed as the sum of square roots of the eigenvalues of the symmetric
-    matrix sqrt(S1) S2 sqrt(S1), which has the same spectrum as S1 S2."""
-    mu1, mu2 = np.atleast_1d(np.float64(mu1)), np.atleast_1d(np.float64(mu2))
-    sigma1, sigma2 = np.atleast_2d(np.float64(sigma1)), np.atleast_2d(np.float64(sigma2))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise InputError(
-            f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, "
-            f"sigma {sigma1.shape} vs {sigma2.shape}"
-        )
-    vals, vecs = np.linalg.eigh((sigma1 + sigma1.T) / 2)
-    root1 = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
-    inner = root1 @ sigma2 @ root1
-    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:
-        raise InputError(f"features of shape {features.shape}: expected [N >= 2, D]")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
-def inception_score(logits: np.ndarray, split_size: int = 5000) -> float:
-    logits = np.asarray(logits, dtype=np.float64)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
-    scores = []
-    for i in range(0, len(probs), split_size):
-        part = probs[i : i + split_size]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            kl = part * (np.log(part) - np.log(part.mean(axis=0, keepdims=True)))
-        kl = np.nan_to_num(kl)  # 0 * log 0 = 0
-        scores.append(np.exp(kl.sum(axis=1).mean()))
-    return float(np.mean(scores))
-
-
-def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return ((a * a).sum(1, keepdim=True) - 2 * a @ b.T + (b * b).sum(1)[None]).clamp_min(0)
-
-
-def manifold_radii(features: np.ndarray, k: int = 3, batch: int = 10000) -> np.ndarray:
-    """Squared distance of each point to its k-th nearest neighbour in its own set."""
-    f = torch.from_numpy(np.asarray(features, dtype=np.float64))
-    if len(f) <= k:
-        raise InputError(f"{len(f)} points: precision/recall with k={k} needs more than {k}")
-    radii = []
-    for i in range(0, len(f), batch):
-        d = _squared_distances(f[i : i + batch], f)
-        radii.append(torch.kthvalue(d, k + 1, dim=1).values)  # itself is the 1st
-    return torch.cat(radii).numpy()
-
-
-def precision_recall(ref: np.ndarray, samples: np.ndarray, k: int = 3, batch: int = 10000):
-    """(precision, recall) of samples against reference features."""
-    r = torch.from_numpy(np.asarray(ref, dtype=np.float64))
-    s = torch.from_numpy(np.asarray(samples, dtype=np.float64))
-    radii_r = torch.from_numpy(manifold_radii(ref, k, batch))
-    radii_s = torch.from_numpy(manifold_radii(samples, k, batch))
-    in_ref = torch.zeros(len(s), dtype=torch.bool)  # sample inside some reference ball
-    in_sample = torch.zeros(len(r), dtype=torch.bool)  # reference inside some sample ball
-    for i in range(0, len(s), batch):
-        d = _squared_distances(s[i : i + batch], r)  # [samples, ref]
-        in_ref[i : i + batch] = (d <= radii_r[None]).any(dim=1)
-        in_sample |= (d <= radii_s[i : i + batch, None]).any(dim=0)
-    return float(in_ref.double().mean()), float(in_sample.double().mean())
+ExtractFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+EXTRACTORS = ("auto", "inception", "judge", "pixels")
 
 
 @dataclass
-class Report:
-    extractor: str
-    inception_score: float
-    fid: float
-    sfid: float
-    precision: float
-    recall: float
-    accuracy: float | None = None  # the judge's accuracy on the requested classes
-    num_samples: int = 0
-    num_ref: int = 0
-
-    def lines(self) -> list[str]:
-        out = [
-            f"extractor: {self.extractor} ({self.num_samples} samples vs {self.num_ref} reference)",
-            f"Inception Score: {self.inception_score:.4f}",
-            f"FID: {self.fid:.4f}",
-            f"sFID: {self.sfid:.4f}",
-            f"Precision: {self.precision:.4f}",
-            f"Recall: {self.recall:.4f}",
-        ]
-        if self.accuracy is not None:
-            out.append(f"Judge accuracy on requested classes: {self.accuracy:.4f}")
-        return out
+class Extractor:
+    key: str  # what stored statistics are matched against: "inception", "judge", ...
+    label: str  # the first line of a report
+    extract: ExtractFn
+    batch_size: int = 500
+    weights_sha256: str | None = None  # Inception's weight file
 
 
-def judge_extractor(batch: int = 500) -> Extractor:
+def inception_extractor(weights=None, device=None, batch_size: int | None = None):
+    """The FID Inception-v3 (fastsample.inception) as an extractor: uint8 NHWC RGB images of any
+    size -> {"pool" [N, 2048], "spatial" [N, 2023], "logits" [N, 1008]} (float32). weights: the
+    published weight file (default: torch.hub's cache, downloaded there if absent)."""
+    from .inception import InceptionExtractor
+
+    return InceptionExtractor(weights, device=device, batch_size=batch_size)
+
+
+def judge_extractor(batch: int = 500) -> ExtractFn:
     """The demo judge's features of uint8 NHWC 32x32 images (grey, or RGB averaged)."""
     from .judge import images_to_input, load_judge
 
@@ -155,97 +89,258 @@ def pixel_extractor(images: np.ndarray) -> dict[str, np.ndarray]:
     return {"pool": flat, "spatial": flat, "logits": np.zeros((len(images), 1))}
 
 
-def get_extractor(name: str) -> tuple[str, Extractor]:
-    """ "judge", "pixels", or "package.module:factory" (a function returning an extractor)."""
+def resolve_extractor(name: str, shape) -> str:
+    """ "auto" -> "judge" for 32x32 images, "inception" for RGB of 64 px and up."""
+    if name != "auto":
+        return name
+    h, w, c = shape[1:]
+    if (h, w) == (32, 32):
+        return "judge"
+    if c == 3 and min(h, w) >= 64:
+        return "inception"
+    raise InputError(
+        f"images of {w}x{h} with {c} channel(s): no default extractor (judge: 32x32; inception: "
+        "RGB of 64 px and up); name one with --extractor"
+    )
+
+
+def get_extractor(name: str, inception_weights=None, device=None) -> Extractor:
+    """ "inception", "judge", "pixels", or "package.module:factory" (a function returning an
+    extractor)."""
+    if name == "inception":
+        ex = inception_extractor(inception_weights, device=device)
+        sha = ex.weights_sha256
+        label = f"inception (FID Inception-v3, weights sha256 {sha[:12]}, {ex.device.type})"
+        return Extractor("inception", label, ex, ex.batch_size, sha)
     if name == "judge":
-        return "judge (fastsample demo MNIST judge)", judge_extractor()
+        return Extractor(name, "judge (fastsample demo MNIST judge)", judge_extractor())
     if name == "pixels":
-        return "pixels", pixel_extractor
+        return Extractor(name, "pixels", pixel_extractor)
     if ":" in name:
         module, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as e:
             raise InputError(f"extractor {name!r} cannot be imported: {e}") from None
-        return name, factory()
-    raise InputError(f"extractor {name!r}: expected 'judge', 'pixels' or 'module:factory'")
+        return Extractor(name, name, factory())
+    raise InputError(
+        f"extractor {name!r}: expected 'auto', 'inception', 'judge', 'pixels' or 'module:factory'"
+    )
 
 
-def _load_images(path) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    try:
-        with np.load(path) as data:
-            if "arr_0" not in data:
-                raise KeyError("arr_0")
-            images = data["arr_0"]
-            labels = data["arr_1"] if "arr_1" in data else None
-            stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in data}
-    except KeyError:
-        raise InputError(f"{path}: expected arr_0 (uint8 NHWC images)") from None
-    except (OSError, EOFError, ValueError) as e:  # ValueError: not a zip (pickles refused)
-        raise InputError(f"{path}: not a readable .npz ({e})") from None
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise InputError(f"{path}: arr_0 is {images.dtype} {images.shape}, expected uint8 NHWC")
-    return images, labels, stats
+class FeatureSet:
+    """What evaluation keeps of one image set: pool and spatial moments, the Inception Score
+    sums, pool features (float32) and, given labels, the count the judge reads correctly."""
+
+    def __init__(self, labels: np.ndarray | None = None, score: bool = True):
+        self.pool_moments, self.spatial_moments = RunningMoments(), RunningMoments()
+        self.score = ScoreAccumulator() if score else None
+        self.pool: list[np.ndarray] = []
+        self.labels, self.correct, self.n = labels, 0, 0
+
+    def add(self, feats: dict[str, np.ndarray]) -> None:
+        count = len(feats["pool"])
+        self.pool_moments.add(feats["pool"])
+        self.spatial_moments.add(feats["spatial"])
+        if self.score is not None:
+            self.score.add(feats["logits"])
+        self.pool.append(np.asarray(feats["pool"], np.float32).reshape(count, -1))
+        if self.labels is not None:
+            read = np.asarray(feats["logits"]).argmax(axis=1)
+            self.correct += int((read == self.labels[self.n : self.n + count]).sum())
+        self.n += count
+
+    def pool_features(self) -> np.ndarray:
+        return np.concatenate(self.pool) if self.pool else np.zeros((0, 0), np.float32)
+
+
+def featurize(source: ImageSource, extractor: Extractor, labels=None, score: bool = True,
+              progress: bool = False, what: str = "") -> FeatureSet:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    out = FeatureSet(labels, score)
+    bar = tqdm(total=len(source), disable=not progress, file=sys.stderr, unit="img", desc=what)
+    with bar:
+        for batch in source.batches(extractor.batch_size):
+            out.add(extractor.extract(batch))
+            bar.update(len(batch))
+    return out
+
+
+def _stored_match(source: ImageSource, extractor: Extractor) -> bool:
+    if source.extractor != extractor.key:
+        return False
+    return None in (source.weights_sha256, extractor.weights_sha256) or (
+        source.weights_sha256 == extractor.weights_sha256
+    )
+
+
+@dataclass
+class Reference:
+    """A reference set's pool features and its (pool, spatial) statistics."""
+
+    pool: np.ndarray
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    stored: bool  # statistics read from the file rather than computed here
+    notes: list[str] = field(default_factory=list)
+
+
+def check_reference(source: ImageSource, extractor: Extractor) -> list[str]:
+    """The one line saying that a reference's stored statistics are another extractor's (and
+    are not used); an error where the file holds nothing else."""
+    if not (source.stats or source.pool is not None) or _stored_match(source, extractor):
+        return []
+    theirs = source.extractor or "an unnamed extractor"
+    if source.extractor == extractor.key:
+        theirs = f"Inception weights {source.weights_sha256[:12]}"
+    if not getattr(source, "has_images", True):
+        raise InputError(
+            f"{source.path}: holds {theirs} statistics and no images; "
+            f"evaluate it with --extractor {source.extractor}"
+        )
+    return [
+        f"{source.path}: its stored statistics are {theirs}'s, not {extractor.key}'s: "
+        "computing the reference's statistics from its images instead"
+    ]
+
+
+def reference_features(source: ImageSource, extractor: Extractor,
+                       progress: bool = False) -> Reference:  # fmt: skip
+    """The reference's features: its stored statistics (and stored pool features) when they
+    are this extractor's, else computed from its images, with one line saying why."""
+    match = _stored_match(source, extractor)
+    stats = source.stats if match and all(k in source.stats for k in STAT_KEYS) else {}
+    notes = check_reference(source, extractor)
+    if match and source.pool is not None and stats:
+        pool = source.pool
+    else:
+        feats = featurize(source, extractor, score=False, progress=progress, what="reference")
+        pool = feats.pool_features()
+        if not stats:
+            stats = dict(zip(("mu", "sigma"), feats.pool_moments.result(), strict=True))
+            stats.update(zip(("mu_s", "sigma_s"), feats.spatial_moments.result(), strict=True))
+    return Reference(pool, stats["mu"], stats["sigma"], stats["mu_s"], stats["sigma_s"],
+                     stored=match and bool(source.stats), notes=notes)  # fmt: skip
+
+
+@dataclass
+class Report:
+    extractor: str
+    inception_score: float
+    fid: float
+    sfid: float
+    precision: float
+    recall: float
+    accuracy: float | None = None  # the judge's accuracy on the requested classes
+    num_samples: int = 0
+    num_ref: int = 0
+    ref_statistics: str = "computed"  # or "stored": read from the reference file
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The extractor, then the reference evaluator's five lines (full float precision)."""
+        out = [
+            f"extractor: {self.extractor} ({self.num_samples} samples vs {self.num_ref} reference"
+            f", reference statistics {self.ref_statistics})",
+            f"Inception Score: {self.inception_score}",
+            f"FID: {self.fid}",
+            f"sFID: {self.sfid}",
+            f"Precision: {self.precision}",
+            f"Recall: {self.recall}",
+        ]
+        if self.accuracy is not None:
+            out.append(f"Judge accuracy on requested classes: {self.accuracy}")
+        return out
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(samples_path, ref_path, extractor: str = "auto", *, inception_weights=None,
+             device=None, progress: bool = False,
+             save_reference: str | Path | None = None) -> Report:  # fmt: skip
+    """Compare SAMPLES (an .npz in the evaluator's batch format, or an image folder) with a
+    reference batch. save_reference: also write the reference's statistics and features there
+    (`write_reference`), for later runs."""
+    samples, ref = open_images(samples_path), open_images(ref_path)
+    if save_reference is not None and Path(save_reference).exists():
+        raise OutputExistsError(f"{save_reference}: exists; choose another file")
+    if not getattr(samples, "has_images", True):
+        raise InputError(f"{samples.path}: holds features only, no images (arr_0) to evaluate")
+    name = resolve_extractor(extractor, samples.shape)
+    ex = get_extractor(name, inception_weights, device)
+    notes = []
+    if samples.stats and not ref.stats:
+        notes.append(
+            f"{samples.path} holds reference statistics: the reference evaluator takes the "
+            "reference first, fastsample takes it as --ref (fastsample eval SAMPLES --ref REF)"
+        )
+    check_reference(ref, ex)  # before the samples' features: a refusal costs nothing
+    labels = samples.labels if name == "judge" else None
+    fs = featurize(samples, ex, labels=labels, progress=progress, what="samples")
+    r = reference_features(ref, ex, progress)
+    if save_reference is not None:
+        write_reference(save_reference, r, ex)
+    mu, sigma = fs.pool_moments.result()
+    mu_s, sigma_s = fs.spatial_moments.result()
+    precision, recall = precision_recall(r.pool, fs.pool_features(), device=_pr_device(device))
+    return Report(
+        extractor=ex.label,
+        inception_score=fs.score.result(),
+        fid=frechet_distance(mu, sigma, r.mu, r.sigma),
+        sfid=frechet_distance(mu_s, sigma_s, r.mu_s, r.sigma_s),
+        precision=precision,
+        recall=recall,
+        accuracy=None if labels is None else fs.correct / fs.n,
+        num_samples=fs.n,
+        num_ref=len(r.pool),
+        ref_statistics="stored" if r.stored else "computed",
+        notes=notes + r.notes,
+    )
+
+
+def _pr_device(device):
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else None
+    return device
+
+
+def write_reference(path, ref: Reference, extractor: Extractor) -> None:
+    """A reference .npz holding statistics and pool features but no images, naming the
+    extractor they came from: `--ref` of later runs with the same extractor reads it without
+    featurizing again. Written whole or not at all."""
+    from .image_io import atomic_write
+
+    arrays = dict(mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s, sigma_s=ref.sigma_s)
+    arrays.update(pool=np.asarray(ref.pool, np.float32), extractor=np.array(extractor.key))
+    if extractor.weights_sha256:
+        arrays["inception_weights_sha256"] = np.array(extractor.weights_sha256)
+    atomic_write(Path(path), lambda f: np.savez(f, **arrays))
 
 
 class Scorer:
     """FID, precision/recall and (with the judge and labels) accuracy of image arrays against
-    one reference batch, its features extracted once: for measuring many settings in a row
-    (`fastsample tune`). The same figures as `evaluate` on the same images."""
+    one reference, featurized once: for measuring many settings in a row (`fastsample tune`).
+    The same figures as `evaluate` on the same images."""
 
-    def __init__(self, ref_images: np.ndarray, extractor: str = "judge",
-                 ref_stats: dict | None = None):  # fmt: skip
-        self.extractor = extractor
-        self.name, self.extract = get_extractor(extractor)
-        self.ref_pool = self.extract(ref_images)["pool"]
-        stats = ref_stats or {}
-        self.mu, self.sigma = (
-            (stats["mu"], stats["sigma"]) if "mu" in stats else statistics(self.ref_pool)
-        )
-        self.num_ref = len(ref_images)
+    def __init__(self, ref, extractor: str = "auto", *, inception_weights=None, device=None):
+        source = ref if isinstance(ref, ImageSource) else open_images(ref)
+        self.extractor = resolve_extractor(extractor, source.shape)
+        self.ex = get_extractor(self.extractor, inception_weights, device)
+        self.name = self.ex.label
+        r = reference_features(source, self.ex)
+        self.ref_pool, self.mu, self.sigma, self.notes = r.pool, r.mu, r.sigma, r.notes
+        self.num_ref = len(r.pool)
 
     def __call__(self, images: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-        f = self.extract(images)
-        out = {"fid": frechet_distance(*statistics(f["pool"]), self.mu, self.sigma)}
-        out["precision"], out["recall"] = precision_recall(self.ref_pool, f["pool"])
-        if labels is not None and self.extractor == "judge":
-            out["accuracy"] = float((f["logits"].argmax(axis=1) == labels).mean())
+        fs = FeatureSet(labels if self.extractor == "judge" else None, score=False)
+        for i in range(0, len(images), self.ex.batch_size):
+            fs.add(self.ex.extract(images[i : i + self.ex.batch_size]))
+        out = {"fid": frechet_distance(*fs.pool_moments.result(), self.mu, self.sigma)}
+        out["precision"], out["recall"] = precision_recall(self.ref_pool, fs.pool_features())
+        if fs.labels is not None:
+            out["accuracy"] = fs.correct / fs.n
         return out
-
-
-def load_reference(path) -> tuple[np.ndarray, dict]:
-    """A reference batch .npz: (uint8 NHWC images, stored statistics mu/sigma/... if any)."""
-    images, _, stats = _load_images(path)
-    return images, stats
-
-
-def evaluate(samples_path, ref_path, extractor: str = "judge") -> Report:
-    """Compare a samples .npz against a reference .npz (the evaluator's batch format)."""
-    name, extract = get_extractor(extractor)
-    samples, labels, _ = _load_images(samples_path)
-    ref, _, ref_stats = _load_images(ref_path)
-    fs, fr = extract(samples), extract(ref)
-    mu_r, sigma_r = (
-        (ref_stats["mu"], ref_stats["sigma"]) if "mu" in ref_stats else statistics(fr["pool"])
-    )
-    if "mu_s" in ref_stats:
-        mu_rs, sigma_rs = ref_stats["mu_s"], ref_stats["sigma_s"]
-    else:
-        mu_rs, sigma_rs = statistics(fr["spatial"])
-    fid = frechet_distance(*statistics(fs["pool"]), mu_r, sigma_r)
-    sfid = frechet_distance(*statistics(fs["spatial"]), mu_rs, sigma_rs)
-    precision, recall = precision_recall(fr["pool"], fs["pool"])
-    accuracy = None
-    if labels is not None and extractor == "judge":
-        accuracy = float((fs["logits"].argmax(axis=1) == labels).mean())
-    return Report(
-        extractor=name,
-        inception_score=inception_score(fs["logits"]),
-        fid=fid,
-        sfid=sfid,
-        precision=precision,
-        recall=recall,
-        accuracy=accuracy,
-        num_samples=len(samples),
-        num_ref=len(ref),
-    )

@@ -38,6 +38,19 @@ else:
     MANIFEST_DIR = ROOT / "tests" / "data" / "checkpoint_manifests"
     _golden_default = ROOT / "tests" / "data" / "golden_tiny"
 GOLDEN_DIR = Path(os.environ.get("FASTSAMPLE_GOLDEN_DIR", _golden_default))
+# The FID Inception oracle (torch-fidelity's outputs on random weights, 51 MB: not vendored):
+# FASTSAMPLE_SHARED_DIR's copy, else ../shared beside the checkout (where CI keeps it).
+INCEPTION_GOLDEN = Path(_shared or ROOT.parent / "shared") / "reference_data" / "inception_golden"
+
+
+@pytest.fixture(scope="session")
+def inception_golden():
+    """(path of the random fp16 weights in the published file's format, golden.pt's tensors)."""
+    weights = INCEPTION_GOLDEN / "weights_random_fp16.pt"
+    if not weights.is_file():
+        pytest.fail(f"the Inception oracle is not at {INCEPTION_GOLDEN} (see tests/data/README.md)")
+    tensors = torch.load(INCEPTION_GOLDEN / "golden.pt", map_location="cpu", weights_only=True)
+    return weights, tensors
 
 
 def manifest_stems() -> list[str]:

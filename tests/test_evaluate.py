@@ -98,7 +98,7 @@ def test_eval_command_on_two_small_npz_files(tmp_path):
     result = CliRunner().invoke(main, ["eval", same, "--ref", ref_path, "--extractor", "pixels"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].startswith("extractor: pixels (40 samples vs 40 reference)")
+    assert lines[0].startswith("extractor: pixels (40 samples vs 40 reference, reference statis")
     values = dict(line.split(": ", 1) for line in lines[1:])
     assert abs(float(values["FID"])) < 1e-6 and float(values["Precision"]) == 1.0
     assert float(values["Recall"]) == 1.0

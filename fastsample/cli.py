@@ -16,6 +16,7 @@ from .cliopts import (
     SamplerChoice,
     budget_options,
     calls_line,
+    json_option,
     parse_classes,
     parse_count,
     parse_interval,
@@ -300,16 +301,7 @@ Examples:
     help="Runtimes to time, comma-separated, or all: eager (always timed), onnxruntime, "
     "tensorrt, aoti (each exports first into a temporary cache: minutes on a CPU).",
 )
-@click.option(
-    "--json",
-    "json_out",
-    is_flag=False,
-    flag_value="-",
-    default=None,
-    metavar="[PATH]",
-    help="Write the report as JSON to PATH (the table still goes to stdout), or alone: JSON "
-    "only, to stdout.",
-)
+@json_option("the report", "the table")
 @_one_line_errors
 def doctor_cmd(device, sizes, runtimes, json_out) -> None:
     """Print the environment, check fastsample's paths on this machine (the GPU self-check, or

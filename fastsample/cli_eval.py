@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from .cliopts import json_option
 from .errors import InputError, MissingFileError
 
 
@@ -54,16 +55,7 @@ folders of PNG / JPEG images of one size.
     @click.option(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if present)."
     )
-    @click.option(
-        "--json",
-        "json_out",
-        is_flag=False,
-        flag_value="-",
-        default=None,
-        metavar="[PATH]",
-        help="Write the figures as JSON to PATH (the lines still go to stdout), or alone: JSON "
-        "only, to stdout.",
-    )
+    @json_option("the figures", "the lines")
     @click.option(
         "--save-ref",
         type=click.Path(),

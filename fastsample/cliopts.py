@@ -52,6 +52,21 @@ class SamplerChoice(click.Choice):
         pass
 
 
+def json_option(what: str, beside: str):
+    """--json [PATH]: the report as JSON to PATH (the usual output still printed), or alone:
+    JSON only, on stdout (as "-")."""
+    return click.option(
+        "--json",
+        "json_out",
+        is_flag=False,
+        flag_value="-",
+        default=None,
+        metavar="[PATH]",
+        help=f"Write {what} as JSON to PATH ({beside} still goes to stdout), or alone: JSON "
+        "only, to stdout.",
+    )
+
+
 def budget_options(command):
     """The guidance-budget and feature-cache options of `fastsample sample` (strings, parsed by
     the functions below: click's own errors take several lines)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -265,7 +266,17 @@ def evaluate(samples_path, ref_path, extractor: str = "auto", *, inception_weigh
     """Compare SAMPLES (an .npz in the evaluator's batch format, or an image folder) with a
     reference batch. save_reference: also write the reference's statistics and features there
     (`write_reference`), for later runs."""
-    samples, ref = open_images(samples_path), open_images(ref_path)
+    with ExitStack() as opened:
+        sources = []
+        for path in (samples_path, ref_path):  # the files opened here are closed here
+            src = open_images(path)
+            sources.append(src if src is path else opened.enter_context(src))
+        return _evaluate(*sources, extractor, inception_weights, device, progress,
+                         save_reference)  # fmt: skip
+
+
+def _evaluate(samples, ref, extractor, inception_weights, device, progress,
+              save_reference) -> Report:  # fmt: skip
     if save_reference is not None and Path(save_reference).exists():
         raise OutputExistsError(f"{save_reference}: exists; choose another file")
     if not getattr(samples, "has_images", True):
@@ -328,10 +339,11 @@ class Scorer:
 
     def __init__(self, ref, extractor: str = "auto", *, inception_weights=None, device=None):
         source = ref if isinstance(ref, ImageSource) else open_images(ref)
-        self.extractor = resolve_extractor(extractor, source.shape)
-        self.ex = get_extractor(self.extractor, inception_weights, device)
-        self.name = self.ex.label
-        r = reference_features(source, self.ex)
+        with nullcontext() if source is ref else source:
+            self.extractor = resolve_extractor(extractor, source.shape)
+            self.ex = get_extractor(self.extractor, inception_weights, device)
+            self.name = self.ex.label
+            r = reference_features(source, self.ex)
         self.ref_pool, self.mu, self.sigma, self.notes = r.pool, r.mu, r.sigma, r.notes
         self.num_ref = len(r.pool)
 

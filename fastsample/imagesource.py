@@ -54,6 +54,15 @@ class ImageSource:
             return np.zeros(self.shape, np.uint8)
         return np.concatenate(list(self.batches(max(1, self.shape[0]))))
 
+    def close(self) -> None:
+        """Release the open file, if any (the metadata read stays usable)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def open_images(path) -> ImageSource:
     """The ImageSource of an .npz file, an image folder or a uint8 NHWC array; one clear line
@@ -143,6 +152,9 @@ class NpzSource(ImageSource):
     @property
     def has_images(self) -> bool:
         return self._info is not None
+
+    def close(self) -> None:
+        self._zip.close()
 
     def _read_member(self, key: str) -> np.ndarray:
         with self._zip.open(f"{key}.npy") as f:

@@ -318,3 +318,37 @@ def test_npz_member_layout_is_what_the_mapped_reader_assumes(tmp_path):
         fn(tmp_path / "m.npz", np.zeros((2, 2, 2, 3), np.uint8))
         with zipfile.ZipFile(tmp_path / "m.npz") as z:
             assert z.getinfo("arr_0.npy").compress_type == kind
+
+
+def _open_fds_to(path) -> int:
+    import os
+
+    fds = os.listdir("/proc/self/fd")
+    return sum(os.path.realpath(f"/proc/self/fd/{fd}") == str(path.resolve()) for fd in fds)
+
+
+def test_evaluate_closes_the_files_it_opens_and_only_those(tmp_path):
+    a, b = _rgb_set(4, 20, size=8), _rgb_set(5, 16, size=8)
+    np.savez(tmp_path / "a.npz", a)
+    np.savez_compressed(tmp_path / "b.npz", b)
+    evaluate(tmp_path / "a.npz", tmp_path / "b.npz", extractor="pixels")
+    assert _open_fds_to(tmp_path / "a.npz") == _open_fds_to(tmp_path / "b.npz") == 0
+    with open_images(tmp_path / "b.npz") as ref:  # a caller's source stays the caller's
+        evaluate(tmp_path / "a.npz", ref, extractor="pixels")
+        assert _open_fds_to(tmp_path / "b.npz") == 1
+        np.testing.assert_array_equal(ref.read_all(), b)
+    assert _open_fds_to(tmp_path / "b.npz") == 0
+
+
+def test_zip64_members_written_as_streams_are_mapped(tmp_path):
+    """What a writer that streams arr_0 produces (zip64 extra field, sizes after the data)."""
+    images = _rgb_set(6, 9, size=5)
+    header = {"descr": "|u1", "fortran_order": False, "shape": images.shape}
+    with zipfile.ZipFile(tmp_path / "s.npz", "w") as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for i in range(0, 9, 4):
+                f.write(images[i : i + 4].tobytes())
+    source = open_images(tmp_path / "s.npz")
+    assert source.shape == images.shape
+    np.testing.assert_array_equal(np.concatenate(list(source.batches(2))), images)

@@ -21,7 +21,6 @@ Batch norms are folded into their convolutions after loading (float32 rounding o
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,8 +288,9 @@ def load_inception(weights: str | os.PathLike | None = None, download: bool = Tr
     if not path.is_file():
         raise MissingFileError(f"{path}: no such file (the FID Inception weights)")
     from .checkpoint import _read_torch, _untrusted
+    from .image_io import file_sha256
 
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     with _untrusted(path):  # weights_only=True; code-carrying pickles refused in one line
         state, _ = _read_torch(path)
     net = FIDInception()

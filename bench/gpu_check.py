@@ -152,6 +152,9 @@ def plan(scratch: Path) -> list[Stage]:
                       "AOTInductor on CUDA (TensorRT tests skip: not on the image)", 1,
                       ("-m", "gpu", "tests/test_export.py"), logs, required=False,
                       allowed_skips=("TensorRT",)),
+        _pytest_stage("eval_gpu", 60,
+                      "the FID Inception extractor and precision/recall on CUDA vs the CPU", 1,
+                      ("-m", "gpu", "tests/test_inception.py"), logs, required=False),
     ]  # fmt: skip
 
 

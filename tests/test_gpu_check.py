@@ -24,7 +24,8 @@ def test_plan_fits_the_budget_with_headline_first():
     names = [s.name for s in stages]
     assert names[:3] == ["doctor", "bench_sample", "bench_kernels"]
     assert names.index("kernel_checks") < names.index("export_gpu")
-    assert [s.name for s in stages if not s.required] == ["export_gpu"]  # exports last, optional
+    # exports, then the eval's CUDA check: last, optional
+    assert [s.name for s in stages if not s.required] == ["export_gpu", "eval_gpu"]
     sample = next(s for s in stages if s.name == "bench_sample")
     assert "256x256_diffusion" in sample.argv and "16" in sample.argv
 

@@ -161,3 +161,23 @@ def test_bad_weight_files_are_refused_in_one_line(tmp_path, inception_golden):
         assert str(path) in str(e.value) and "\n" not in str(e.value), name
     with pytest.raises(MissingFileError):
         load_inception(tmp_path / "absent.pth")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_features_and_precision_recall_match_the_cpu(tmp_path):
+    """The extractor on CUDA (fp32, TF32 off) against the CPU, on variance-preserving random
+    weights (no weight file needed on the device): convolution algorithms differ in summation
+    order only, 1e-4 relative as folded vs unfolded. Precision/recall's float64 distances on the
+    GPU give the CPU's figures."""
+    from bench.eval_stream import random_inception
+    from fastsample.metrics import precision_recall
+
+    random_inception(tmp_path / "w.pth", seed=0)
+    images = np.random.default_rng(0).integers(0, 256, (24, 256, 256, 3), dtype=np.uint8)
+    cpu = inception_extractor(tmp_path / "w.pth", device="cpu")(images)
+    gpu = inception_extractor(tmp_path / "w.pth", device="cuda")(images)
+    for key in ("pool", "spatial", "logits"):
+        _assert_close(torch.from_numpy(gpu[key]), torch.from_numpy(cpu[key]), 1e-4)
+    ref, samples = cpu["pool"][:12], cpu["pool"][12:]
+    assert precision_recall(ref, samples, device="cuda") == precision_recall(ref, samples)

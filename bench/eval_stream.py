@@ -128,7 +128,7 @@ def main(argv=None) -> None:
               or platform.machine(), "threads": args.threads, "device": "cpu"}  # fmt: skip
     lines = [
         f"commit {header['commit']}, torch {header['torch']}, {args.threads} threads, CPU",
-        "| samples | ref | size | samples file (MB) | peak RSS (MB) | RSS / file | wall (s) | "
+        "| samples | ref | size | samples file (MiB) | peak RSS (MiB) | RSS / file | wall (s) | "
         "images/s | FID (random weights) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]

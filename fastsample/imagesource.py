@@ -110,6 +110,14 @@ class ArraySource(ImageSource):
 class NpzSource(ImageSource):
     def __init__(self, path: Path):
         self.path = path
+        self._zip = None
+        try:
+            self._open(path)
+        except BaseException:
+            self.close()  # a refused file is not left open
+            raise
+
+    def _open(self, path: Path) -> None:
         try:
             self._zip = zipfile.ZipFile(path)
             names = set(self._zip.namelist())
@@ -154,7 +162,8 @@ class NpzSource(ImageSource):
         return self._info is not None
 
     def close(self) -> None:
-        self._zip.close()
+        if self._zip is not None:
+            self._zip.close()
 
     def _read_member(self, key: str) -> np.ndarray:
         with self._zip.open(f"{key}.npy") as f:

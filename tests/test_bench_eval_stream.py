@@ -32,13 +32,15 @@ def test_tiny_run_reports_the_evals_figures(tmp_path):
     assert (row["samples"], row["ref"], row["size"]) == (6, 5, 64)
     assert 100 < row["peak_rss_mb"] < 4096 and row["wall_s"] > 0
     assert row["images_per_s"] == pytest.approx(11 / row["wall_s"], rel=0.01)
-    # The same files in this process give the FID the child printed.
+    # The same files in this process give the FID the child printed: to fp32's 1e-5 relative,
+    # since the child's thread count (2) may differ from this process's, which changes the
+    # convolutions' summation order (2e-7 relative measured under pytest -n 2).
     eval_stream.random_inception(tmp_path / "w.pth", seed=0)
     eval_stream.write_stored_npz(tmp_path / "s.npz", 6, 64, seed=2 + 6)
     ref = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
     report = evaluate(tmp_path / "s.npz", ref, extractor="inception",
                       inception_weights=tmp_path / "w.pth", device="cpu")  # fmt: skip
-    assert row["fid"] == pytest.approx(report.fid, rel=1e-9)
+    assert row["fid"] == pytest.approx(report.fid, rel=1e-5)
 
 
 @pytest.mark.parametrize("args", [["--samples", "0"], ["--samples", "ten"], ["--size", "0"]])

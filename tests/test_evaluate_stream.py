@@ -338,6 +338,10 @@ def test_evaluate_closes_the_files_it_opens_and_only_those(tmp_path):
         assert _open_fds_to(tmp_path / "b.npz") == 1
         np.testing.assert_array_equal(ref.read_all(), b)
     assert _open_fds_to(tmp_path / "b.npz") == 0
+    np.savez(tmp_path / "bad.npz", np.zeros((2, 3), np.float32))  # refused: not uint8 NHWC
+    with pytest.raises(InputError):
+        open_images(tmp_path / "bad.npz")
+    assert _open_fds_to(tmp_path / "bad.npz") == 0
 
 
 def test_zip64_members_written_as_streams_are_mapped(tmp_path):

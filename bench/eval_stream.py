@@ -4,7 +4,7 @@ Writes an uncompressed samples .npz (random 256x256 RGB, streamed to disk, never
 memory here) and a compressed reference .npz, and a random-weight FID Inception (same keys and
 shapes as the published file: the memory and speed figures do not depend on the weights), then
 runs `python -m fastsample eval` on it as a child process at two sample counts. Peak RSS is the
-child's own (wait4's rusage); images/s counts samples plus reference images over the child's
+child's own (its VmHWM at exit); images/s counts samples plus reference images over the child's
 whole wall time (start-up, featurizing and the metrics). The baseline is the samples file
 itself: holding the images whole would need its size in memory (the float64 copy the eval made
 before streaming: 8x that). Usage:
@@ -64,20 +64,32 @@ def random_inception(path: Path, seed: int) -> None:
     torch.save(net.state_dict(), path)
 
 
+# The child's own peak: VmHWM of its address space, written at exit. (getrusage's ru_maxrss
+# would also count the parent's pages copied before exec: a large parent, such as a test runner,
+# would read as the child's peak.)
+_CHILD = """import atexit, re, sys
+def _hwm(path=sys.argv.pop(1)):
+    kib = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
+    open(path, "w").write(kib)
+atexit.register(_hwm)
+from fastsample.cli import main
+main(prog_name="fastsample")
+"""
+
+
 def run_eval(samples: Path, ref: Path, weights: Path, out: Path, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd = [sys.executable, "-m", "fastsample", "eval", str(samples), "--ref", str(ref),
+    hwm = out.with_suffix(".hwm")
+    cmd = [sys.executable, "-c", _CHILD, str(hwm), "eval", str(samples), "--ref", str(ref),
            "--extractor", "inception", "--inception-weights", str(weights), "--device", "cpu",
            "--json", str(out), "--no-progress"]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    output = proc.stdout.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
+    output = proc.stdout.decode()
     if proc.returncode != 0:
         raise SystemExit(f"eval failed ({proc.returncode}):\n{output}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "figures": json.loads(
+    return {"wall_s": wall, "peak_rss_mb": int(hwm.read_text()) / 1024, "figures": json.loads(
         out.read_text()), "output": output}  # fmt: skip
 
 

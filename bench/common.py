@@ -64,15 +64,21 @@ def report(name: str, lines: list[str], header, rows: list[dict], json_path=None
             f.write(f"\n### python -m bench.{name}\n\n" + "\n".join(lines) + "\n")
 
 
+def parse_counts(parser, option: str, text: str, minimum: int = 1) -> list[int]:
+    """Comma-separated counts, "5,10,25" -> [5, 10, 25], each at least `minimum`; else the
+    parser's error naming the option."""
+    try:
+        counts = [int(c) for c in text.split(",")]
+    except ValueError:
+        parser.error(f"{option} {text!r}: expected comma-separated integers")
+    if any(c < minimum for c in counts):
+        parser.error(f"{option} {text!r}: expected counts of at least {minimum}")
+    return counts
+
+
 def parse_calls(parser, text: str) -> list[int]:
     """--calls "5,10,25" -> [5, 10, 25] (counts of at least 2), else the parser's error."""
-    try:
-        calls = [int(c) for c in text.split(",")]
-    except ValueError:
-        parser.error(f"--calls {text!r}: expected comma-separated integers")
-    if any(c < 2 for c in calls):
-        parser.error(f"--calls {text!r}: expected counts of at least 2")
-    return calls
+    return parse_counts(parser, "--calls", text, minimum=2)
 
 
 def check_positive(parser, args, names) -> None:

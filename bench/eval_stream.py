@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import check_positive, commit, report
+from .common import check_positive, commit, parse_counts, report
 
 CHUNK = 250
 
@@ -89,7 +89,7 @@ def run_eval(samples: Path, ref: Path, weights: Path, out: Path, threads: int) -
     output = proc.stdout.decode()
     if proc.returncode != 0:
         raise SystemExit(f"eval failed ({proc.returncode}):\n{output}")
-    return {"wall_s": wall, "peak_rss_mb": int(hwm.read_text()) / 1024, "figures": json.loads(
+    return {"wall_s": wall, "peak_rss_mib": int(hwm.read_text()) / 1024, "figures": json.loads(
         out.read_text()), "output": output}  # fmt: skip
 
 
@@ -103,12 +103,7 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="write {header, rows} here")
     p.add_argument("--markdown", help="append the table to this markdown file")
     args = p.parse_args(argv)
-    try:
-        counts = [int(c) for c in args.samples.split(",")]
-    except ValueError:
-        p.error(f"--samples {args.samples!r}: expected comma-separated positive counts")
-    if not counts or min(counts) <= 0:
-        p.error(f"--samples {args.samples!r}: expected comma-separated positive counts")
+    counts = parse_counts(p, "--samples", args.samples)
     check_positive(p, args, ["ref_count", "size", "threads"])
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -124,13 +119,13 @@ def main(argv=None) -> None:
             samples = tmp / f"samples_{count}.npz"
             write_stored_npz(samples, count, args.size, seed=2 + count)
             result = run_eval(samples, ref, weights, tmp / f"out_{count}.json", args.threads)
-            file_mb = samples.stat().st_size / 2**20
+            file_mib = samples.stat().st_size / 2**20
             figures = result["figures"]
             rows.append({
                 "samples": count, "ref": args.ref_count, "size": args.size,
-                "samples_file_mb": round(file_mb, 1),
-                "peak_rss_mb": round(result["peak_rss_mb"], 1),
-                "rss_over_file": round(result["peak_rss_mb"] / file_mb, 3),
+                "samples_file_mib": round(file_mib, 1),
+                "peak_rss_mib": round(result["peak_rss_mib"], 1),
+                "rss_over_file": round(result["peak_rss_mib"] / file_mib, 3),
                 "wall_s": round(result["wall_s"], 1),
                 "images_per_s": round((count + args.ref_count) / result["wall_s"], 2),
                 "fid": figures.get("fid"),
@@ -146,8 +141,8 @@ def main(argv=None) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['samples']} | {r['ref']} | {r['size']} | {r['samples_file_mb']} | "
-            f"{r['peak_rss_mb']} | {r['rss_over_file']} | {r['wall_s']} | {r['images_per_s']} | "
+            f"| {r['samples']} | {r['ref']} | {r['size']} | {r['samples_file_mib']} | "
+            f"{r['peak_rss_mib']} | {r['rss_over_file']} | {r['wall_s']} | {r['images_per_s']} | "
             f"{r['fid']} |"
         )
     report("eval_stream", lines, header, rows, args.json, args.markdown)

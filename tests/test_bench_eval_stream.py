@@ -32,7 +32,7 @@ def test_tiny_run_reports_the_evals_figures(tmp_path):
                       str(tmp_path), "--json", str(out)])  # fmt: skip
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["samples"], row["ref"], row["size"]) == (6, 5, 64)
-    assert 100 < row["peak_rss_mb"] < 2000 and row["wall_s"] > 0
+    assert 100 < row["peak_rss_mib"] < 2000 and row["wall_s"] > 0
     del ballast
     assert row["images_per_s"] == pytest.approx(11 / row["wall_s"], rel=0.01)
     # The same files in this process give the FID the child printed: to fp32's 1e-5 relative,
